@@ -1,0 +1,108 @@
+"""The contract between the virtio-net device and a network backend.
+
+The device hands each transmitted frame to ``Backend.send`` as the negotiated
+virtio_net_hdr bytes plus the frame, given as a list of buffers (usually
+memoryview slices of guest memory, so a TAP can ``writev`` them without a
+copy). ``send`` returns a ``SendStatus``:
+
+- ``SENT``: the backend took the frame;
+- ``BUSY``: the backend cannot take it now (EAGAIN); the device keeps the
+  chain and calls ``send`` again with the same frame once the backend is
+  writable, so nothing is lost and nothing is sent twice;
+- ``DROPPED``: the backend refused this frame for good (EINVAL, EIO, the
+  interface is gone); the backend counts it under a reason in ``drops``.
+
+Frames arriving from the network come out of ``receive`` as ``(header,
+frame)``: a virtio_net_hdr of ``header_size`` bytes (zeros when the backend
+has none) and the Ethernet frame, or None when nothing is waiting.
+
+Every backend counts frames and bytes (frame bytes only, without the header)
+in ``frames_sent``, ``bytes_sent``, ``frames_received`` and
+``bytes_received``, and the ``send`` calls that returned ``BUSY`` in
+``send_busy``. ``stats`` returns them together.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import enum
+from collections.abc import Sequence
+from typing import Self, Union
+
+__all__ = ["Backend", "SendStatus", "Buffer"]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class SendStatus(enum.Enum):
+    """What a backend did with one frame."""
+
+    SENT = "sent"
+    BUSY = "busy"
+    DROPPED = "dropped"
+
+
+class Backend(abc.ABC):
+    """A place frames go to and come from: a TAP, a pcap file, a loopback."""
+
+    #: Size of the virtio_net_hdr in front of each frame passed to ``send`` and
+    #: returned by ``receive``; the device sets it from the negotiated features.
+    header_size: int = 12
+
+    def __init__(self) -> None:
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.frames_received = 0
+        self.bytes_received = 0
+        self.send_busy = 0
+
+    def configure(self, header_size: int, offloads: int = 0) -> None:
+        """Set the header size and the negotiated guest offload bits.
+
+        ``offloads`` is a mask of virtio-net feature bits (GUEST_CSUM,
+        GUEST_TSO4, ...) that a TAP turns into TUNSETOFFLOAD flags.
+        """
+        self.header_size = header_size
+
+    @abc.abstractmethod
+    def send(self, header: Buffer, frame: Sequence[Buffer]) -> SendStatus:
+        """Transmit one frame; see the module docstring for the statuses."""
+
+    def receive(self) -> tuple[bytes, bytes] | None:
+        """Return the next received ``(header, frame)``, or None."""
+        return None
+
+    def fileno(self) -> int | None:
+        """Return a file descriptor an event loop can wait on, or None."""
+        return None
+
+    def writable_fileno(self) -> int | None:
+        """Return a descriptor that polls writable when ``send`` may stop being BUSY.
+
+        None means the backend has no such descriptor, so a device that got
+        ``BUSY`` retries on its next event instead.
+        """
+        return None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of the backend, with the drops of all reasons summed."""
+        return {
+            "frames_sent": self.frames_sent,
+            "bytes_sent": self.bytes_sent,
+            "frames_received": self.frames_received,
+            "bytes_received": self.bytes_received,
+            "send_busy": self.send_busy,
+            "frames_dropped": sum(self.drops.values()),
+        }
+
+    def close(self) -> None:
+        """Release what the backend holds. Calling it twice is harmless."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

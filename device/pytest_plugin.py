@@ -1,0 +1,1 @@
+"""pytest plugin of virtio-net-emu: the ``fake_nic`` fixture."""
