@@ -239,6 +239,12 @@ class DeviceQueue:
         """Mark the queue broken with ``error`` and return it for raising."""
         if error.queue is None:
             error.queue = self.index
+        # Chains completed before the fault were processed in full (a frame
+        # already went out), so their used elements are made visible now;
+        # after this the queue writes nothing until reset.
+        if self.used_idx != self._published_idx and self._mapping_error is None:
+            self._used_head[1] = self.used_idx
+            self._published_idx = self.used_idx
         self.broken = error
         self._in_flight = bytearray(self.size)
         self._index_gap = (self.last_avail_idx - self.used_idx) & U16_MASK

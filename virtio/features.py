@@ -33,8 +33,11 @@ class VirtioFeature(enum.IntFlag):
     RING_RESET = 1 << 40
 
 
-TRANSPORT_DEPENDENCIES: Mapping[int, int] = {}
-"""Feature bit to the bits it requires; the transport bits have none."""
+Requirement = int | tuple[int, ...]
+"""What a feature needs: every bit of a mask, or any one mask of a tuple."""
+
+TRANSPORT_DEPENDENCIES: Mapping[int, Requirement] = {}
+"""Feature bit to what it requires; the transport bits have none."""
 
 
 def bits(mask: int) -> list[int]:
@@ -57,8 +60,11 @@ def validate_features(
     if unknown:
         raise FeatureError(accepted, f"bits {bits(unknown)} were not offered")
     for feature, required in dependencies.items():
-        if accepted & feature and (accepted & required) != required:
-            missing = required & ~accepted
+        if not accepted & feature:
+            continue
+        choices = required if isinstance(required, tuple) else (required,)
+        if not any(accepted & choice == choice for choice in choices):
+            wanted = " or ".join(str(bits(choice)) for choice in choices)
             raise FeatureError(
-                accepted, f"bit {bits(feature)[0]} requires bits {bits(missing)}"
+                accepted, f"bit {bits(feature)[0]} requires bits {wanted}"
             )

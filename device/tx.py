@@ -1,0 +1,209 @@
+"""The TX path of the device: from a descriptor chain to the backend.
+
+``TxQueue.flush`` is the device's half of transmitting (QEMU's
+``virtio_net_flush_tx``): pop chains up to a burst, split each into the
+virtio_net_hdr and the frame wherever they fall across descriptors, hand them
+to the backend, and complete the chain with used length 0. Chains whose frame
+is malformed are completed with length 0 and counted by reason; nothing is
+sent for them. When the backend is busy the chain stays in flight as the
+pending chain and the flush stops with notifications disabled; ``resume``
+sends it once the backend can take it, so no frame is lost or sent twice.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from backends.base import Backend, SendStatus
+from virtio import Chain, DeviceQueue, DriverError
+
+from .header import MAX_FRAME_SIZE, NetHeader, check_tx_header, complete_checksum
+from .stats import QueueStats
+from .trace import Step, Trace
+
+__all__ = ["TxQueue", "FlushResult", "split_frame"]
+
+
+class FlushResult(enum.Enum):
+    """A flush that could not complete: the backend is busy or the ring broke."""
+
+    BUSY = "busy"
+    BROKEN = "broken"
+
+
+def split_frame(
+    readable: list[memoryview], header_len: int
+) -> tuple[bytes, list[memoryview]]:
+    """Split a chain's readable buffers into header bytes and frame parts.
+
+    The header may be spread over several descriptors and share the last of
+    them with the start of the frame (virtio 1.2, 2.7.4: the device must not
+    assume any arrangement). The caller has checked that the buffers hold
+    more than ``header_len`` bytes.
+    """
+    first = readable[0]
+    if len(first) == header_len:
+        return bytes(first), readable[1:]
+    if len(first) > header_len:
+        return bytes(first[:header_len]), [first[header_len:], *readable[1:]]
+    header = bytearray()
+    for position, buffer in enumerate(readable):
+        need = header_len - len(header)
+        if len(buffer) <= need:
+            header += buffer
+            continue
+        header += buffer[:need]
+        return bytes(header), [buffer[need:], *readable[position + 1 :]]
+    return bytes(header), []
+
+
+class TxQueue:
+    """The device's TX virtqueue with its backend and counters."""
+
+    def __init__(
+        self,
+        queue: DeviceQueue,
+        backend: Backend,
+        *,
+        header_len: int,
+        features: int,
+        stats: QueueStats,
+        trace: Trace,
+        interrupt: Callable[[int], None],
+        suppressed: Callable[[int], None],
+        on_break: Callable[[DriverError], None],
+        max_frame: int = MAX_FRAME_SIZE,
+        software_checksum: bool = False,
+    ) -> None:
+        self.queue = queue
+        self.backend = backend
+        self.header_len = header_len
+        self.features = features
+        self.stats = stats
+        self.trace = trace
+        self.interrupt = interrupt
+        self.suppressed = suppressed
+        self.on_break = on_break
+        self.max_frame = max_frame
+        self.software_checksum = software_checksum
+        self.pending: Chain | None = None
+        self.pending_frame: tuple[bytes, list[memoryview]] | None = None
+
+    def flush(self, burst: int) -> int | FlushResult:
+        """Transmit up to ``burst`` chains; return how many were completed.
+
+        Returns ``FlushResult.BUSY`` when a frame is waiting for the backend
+        (notifications are then disabled, as QEMU does with an asynchronous
+        send) and ``FlushResult.BROKEN`` when the driver broke the ring.
+        """
+        if self.pending is not None:
+            self.queue.disable_notification()
+            return FlushResult.BUSY
+        self.stats.flushes += 1
+        self.trace.record(Step.TX_FLUSH)
+        done = 0
+        queue = self.queue
+        try:
+            for chain in queue.chains(burst):
+                if not self._transmit(chain):
+                    self.pending = chain
+                    queue.disable_notification()
+                    self._publish()
+                    return FlushResult.BUSY
+                queue.add_used(chain.head, 0)
+                done += 1
+        except DriverError as error:
+            self.on_break(error)
+            return FlushResult.BROKEN
+        self._publish()
+        return done
+
+    def resume(self) -> bool:
+        """Send the pending chain again; return True when it was completed."""
+        chain = self.pending
+        if chain is None:
+            return True
+        if not self._transmit(chain):
+            return False
+        self.pending = None
+        self.pending_frame = None
+        self.queue.add_used(chain.head, 0)
+        self._publish()
+        return True
+
+    def _transmit(self, chain: Chain) -> bool:
+        """Send one chain's frame; False means the backend is busy."""
+        frame = self.pending_frame if self.pending is chain else None
+        if frame is None:
+            frame = self._extract(chain)
+            if frame is None:
+                return True
+        header, parts = frame
+        status = self.backend.send(header, parts)
+        if status is SendStatus.SENT:
+            self.stats.frames += 1
+            self.stats.bytes += chain.readable_len - self.header_len
+            return True
+        if status is SendStatus.BUSY:
+            self.pending_frame = frame
+            return False
+        self.stats.drop("backend-rejected")
+        return True
+
+    def _extract(self, chain: Chain) -> tuple[bytes, list[memoryview]] | None:
+        """Check a chain and return its header and frame, or None if dropped."""
+        reason = None
+        if chain.writable_len:
+            reason = "writable-in-tx"
+        elif chain.readable_len < self.header_len:
+            reason = "header-incomplete"
+        elif chain.readable_len == self.header_len:
+            reason = "frame-empty"
+        elif chain.readable_len - self.header_len > self.max_frame:
+            reason = "frame-too-large"
+        if reason is not None:
+            self.stats.drop(reason)
+            return None
+        header, parts = split_frame(chain.readable, self.header_len)
+        if header[0] or header[1]:
+            return self._check_offloads(header, parts, chain.readable_len)
+        return header, parts
+
+    def _check_offloads(
+        self, header: bytes, parts: list[memoryview], total: int
+    ) -> tuple[bytes, list[memoryview]] | None:
+        fields = NetHeader.unpack(header)
+        frame_len = total - self.header_len
+        reason = check_tx_header(fields, frame_len, self.features)
+        if reason is not None:
+            self.stats.drop(reason)
+            return None
+        if self.software_checksum and fields.flags & 1 and fields.gso_type == 0:
+            frame = bytearray(b"".join(parts))
+            complete_checksum(frame, fields.csum_start, fields.csum_offset)
+            return bytes(self.header_len), [memoryview(frame)]
+        return header, parts
+
+    def _publish(self) -> None:
+        """Make completed chains visible and notify the driver if it wants it."""
+        queue = self.queue
+        if not queue.unpublished:
+            return
+        if queue.publish():
+            self.stats.interrupts += 1
+            self.trace.record(Step.INTERRUPT)
+            self.interrupt(queue.index)
+        else:
+            self.stats.interrupts_suppressed += 1
+            self.trace.record(Step.INTERRUPT_SUPPRESSED)
+            self.suppressed(queue.index)
+
+    def drop_all(self) -> None:
+        """Complete every available chain unsent (link down)."""
+        try:
+            self.queue.drop_all()
+        except DriverError as error:
+            self.on_break(error)
+            return
+        self._publish()
