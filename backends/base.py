@@ -50,6 +50,12 @@ class Backend(abc.ABC):
     #: returned by ``receive``; the device sets it from the negotiated features.
     header_size: int = 12
 
+    #: True when the backend passes the virtio_net_hdr on (a TAP with
+    #: IFF_VNET_HDR), so checksum and segmentation offloads can be left to
+    #: the peer. Otherwise the device completes checksums itself and does not
+    #: offer segmentation offloads.
+    takes_offloads: bool = False
+
     def __init__(self) -> None:
         self.drops: collections.Counter[str] = collections.Counter()
         self.frames_sent = 0

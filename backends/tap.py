@@ -155,6 +155,8 @@ class TapBackend(Backend):
     ValueError for invalid arguments.
     """
 
+    takes_offloads = True
+
     def __init__(
         self,
         name: str | None = None,

@@ -32,7 +32,13 @@ from virtio import (
 
 from .clock import Clock, VirtualClock
 from .control import VIRTIO_NET_ERR, ControlHandler
-from .features import DEFAULT_OFFER, GUEST_OFFLOADS, NET_DEPENDENCIES, NetFeature
+from .features import (
+    DEFAULT_OFFER,
+    GUEST_OFFLOADS,
+    HOST_OFFLOADS,
+    NET_DEPENDENCIES,
+    NetFeature,
+)
 from .header import MAX_FRAME_SIZE, header_size
 from .notifier import InterruptNotifier
 from .rx import DEFAULT_HOLD_LIMIT, RxQueue, RxResult
@@ -75,9 +81,10 @@ VLAN_TAG = 4
 class VirtioNetDevice:
     """One virtio-net device with one queue pair and an optional control queue.
 
-    ``offered`` defaults to ``DEFAULT_OFFER``. The backend receives frames on
-    TX; frames for RX come from whoever owns the backend, through
-    ``receive``.
+    ``offered`` defaults to ``DEFAULT_OFFER``, less the segmentation offloads
+    when the backend cannot pass a virtio_net_hdr on (``takes_offloads``).
+    The backend receives frames on TX; frames for RX come from whoever owns
+    the backend, through ``receive``.
     """
 
     def __init__(
@@ -87,7 +94,7 @@ class VirtioNetDevice:
         interrupts: InterruptNotifier | None = None,
         clock: Clock | None = None,
         trace: Trace | None = None,
-        offered: int = DEFAULT_OFFER,
+        offered: int | None = None,
         mac: bytes = DEFAULT_MAC,
         mtu: int = 1500,
         tx_mode: str = "bh",
@@ -96,6 +103,10 @@ class VirtioNetDevice:
         bh_delay_ns: int = DEFAULT_BH_DELAY_NS,
         hold_limit: int = DEFAULT_HOLD_LIMIT,
     ) -> None:
+        if offered is None:
+            offered = DEFAULT_OFFER
+            if not backend.takes_offloads:
+                offered &= ~(GUEST_OFFLOADS | HOST_OFFLOADS) | NetFeature.CSUM
         validate_features(offered, offered, NET_DEPENDENCIES)
         if not 68 <= mtu <= 65535:
             raise ValueError(f"mtu {mtu} is invalid: use 68 to 65535 (5.1.4.1)")
@@ -304,7 +315,7 @@ class VirtioNetDevice:
             suppressed=self.interrupts.suppressed,
             on_break=self.fail,
             max_frame=MAX_FRAME_SIZE,
-            software_checksum=not getattr(self.backend, "takes_offloads", False),
+            software_checksum=not self.backend.takes_offloads,
         )
 
     # -- the broken state --------------------------------------------------------

@@ -17,16 +17,19 @@ the calls below, all made from the server's thread inside ``poll``:
     How many virtqueues the device has. Ring indices at or past it are
     rejected.
 ``queue_num()``
-    The GET_QUEUE_NUM reply. QEMU 7.2 and DPDK 22.11 read it, for a network
-    device, as the number of queue pairs.
+    The GET_QUEUE_NUM reply. For a network device it is the number of queue
+    pairs, because QEMU's net/vhost-user.c compares it with the netdev's
+    ``queues=`` option (one vhost device of two virtqueues per queue).
 ``start_queue(index, memory, size, desc_gpa, avail_gpa, used_gpa, last_avail_idx,
 kick_fd, call_fd)``
     Begin processing a split virtqueue. ``memory`` is the front-end's RAM as
     a ``virtio.memory.GuestMemory`` with a real fence. The ring addresses are
     guest-physical and already checked to lie in one region each with their
     natural alignment. ``last_avail_idx`` is the first avail ring index to
-    read. ``kick_fd`` is None when the front-end asked for polling.
-    ``call_fd`` is None until the front-end sets one. Signal used buffers with
+    read. The protocol carries no used index: after a restart the device
+    reads it from the used ring's ``idx`` field in ``memory``. ``kick_fd`` is
+    None when the front-end requested polling. ``call_fd`` is None until the
+    front-end sets one. Signal used buffers with
     ``os.eventfd_write(call_fd, 1)``.
 ``stop_queue(index) -> int``
     Stop processing and return the next avail index to read, which the

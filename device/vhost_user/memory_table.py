@@ -44,6 +44,8 @@ class MappedRegion:
         except (OSError, ValueError, OverflowError) as error:
             # Python's mmap raises ValueError when the file is shorter than
             # offset + size, which would otherwise become SIGBUS on access.
+            # NOTE: a front-end that shrinks the file after this check still
+            # causes SIGBUS, which ends this process.
             raise MemoryTableError(
                 request, f"{description}: mmap of fd {fd} failed: {error}"
             ) from None
@@ -65,9 +67,9 @@ class MappedRegion:
         Python cannot unmap memory that a view still exports, so a view the
         device kept past ``stop_queue`` delays the unmap until it is freed.
         """
-        self.region.view.release()
-        self._buffer.release()
         try:
+            self.region.view.release()
+            self._buffer.release()
             self._mmap.close()
         except BufferError:
             logger.warning(

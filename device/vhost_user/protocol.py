@@ -7,7 +7,7 @@ bit 2 marks a reply and bit 3 (NEED_REPLY) requests an acknowledgement when
 the REPLY_ACK protocol feature is in use. All numbers are in the host's byte
 order. File descriptors travel as SCM_RIGHTS ancillary data of the message.
 
-``C_DECLARATIONS`` states the payload layouts once, in C, for cffi; a test
+``C_DECLARATIONS`` states the payload layouts once, in C, for cffi. A test
 checks that the ``struct`` formats used to decode each message have the same
 sizes and field offsets. ``MessageReader`` frames a byte stream into
 ``Message`` objects and rejects a bad header before its payload is read.

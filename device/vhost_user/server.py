@@ -111,9 +111,6 @@ class VhostUserServer:
         """
         if self._connection is not None:
             raise RuntimeError("a front-end is already connected")
-        connection.setblocking(False)
-        self._connection = connection
-        self._reader = MessageReader()
         self.session = Session(
             self.device,
             self.fence,
@@ -122,6 +119,9 @@ class VhostUserServer:
             unwatch_kick=self._unwatch_kick,
             counters=self.counters,
         )
+        connection.setblocking(False)
+        self._connection = connection
+        self._reader = MessageReader()
         self._selector.register(connection, selectors.EVENT_READ, (_CONNECTION, None))
         if self._listener is not None:
             self._selector.unregister(self._listener)
@@ -317,8 +317,8 @@ class VhostUserServer:
             if reply is not None:
                 try:
                     self._send(reply)
-                except OSError:
-                    pass
+                except OSError as send_error:
+                    logger.debug("failure reply not sent: %s", send_error)
         self._close_connection()
 
     def _send(self, data: bytes) -> None:
@@ -328,10 +328,10 @@ class VhostUserServer:
             try:
                 sent = self._connection.send(view)
             except BlockingIOError:
-                _ready, writable, _ = select.select(
-                    [], [self._connection], [], SEND_TIMEOUT
-                )
-                if not writable:
+                # poll, unlike select, works for descriptors past FD_SETSIZE.
+                waiter = select.poll()
+                waiter.register(self._connection, select.POLLOUT)
+                if not waiter.poll(SEND_TIMEOUT * 1000):
                     raise TimeoutError(
                         errno.ETIMEDOUT, f"reply not sent within {SEND_TIMEOUT} s"
                     ) from None

@@ -114,6 +114,7 @@ class Session:
                 f"protocol features {unsupported:#x} are not implemented; the"
                 f" supported mask is {SUPPORTED_PROTOCOL_FEATURES:#x}"
             )
+
         self.device = device
         self.offered_protocol_features = protocol_features
         self.protocol_features = 0
@@ -121,10 +122,12 @@ class Session:
         self.table = MemoryTable(fence, MAX_MEM_SLOTS)
         self.rings = [Vring(index) for index in range(device.num_queues())]
         self.counters = collections.Counter() if counters is None else counters
+
         # The server must stop watching a kick fd before the session closes it:
         # epoll keeps reporting a closed fd whose file the front-end still has.
         self._watch_kick = watch_kick
         self._unwatch_kick = unwatch_kick
+
         self._handlers: dict[Request, Callable[[Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -171,8 +174,8 @@ class Session:
         """Return the reply that reports a failed ``message``, or None.
 
         Only acknowledgements have a failure value (nonzero). A request with
-        its own reply layout gets no reply, so the front-end sees only the closed
-        connection.
+        its own reply layout gets no reply, so the front-end learns of the failure
+        from the closed connection.
         """
         if message.need_reply and message.request not in REPLY_LAYOUTS:
             return encode_reply(message.request, _ACK_FAILURE)
