@@ -71,7 +71,7 @@ class PioExitKick(KickNotifier):
     ) -> None:
         super().__init__()
         self.clock = clock
-        self.trace = trace or Trace(enabled=False)
+        self.trace = trace if trace is not None else Trace(enabled=False)
         self.exit_cost_ns = exit_cost_ns
         self.vm_exits = 0
         self.exit_time_ns = 0
