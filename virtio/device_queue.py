@@ -41,6 +41,12 @@ __all__ = ["DeviceQueue", "Chain", "Descriptor", "MAX_CHAIN_BYTES"]
 MAX_CHAIN_BYTES = 0xFFFF_FFFF
 """Largest total length of one chain; the used ring's len is 32 bits (2.7.5.2)."""
 
+MAX_INDIRECT_ENTRIES = 1024
+"""Most entries an indirect table may have when the queue is smaller.
+
+QEMU's limit (VIRTQUEUE_MAX_SIZE). It bounds the work of one chain walk,
+since a table in a large guest could otherwise hold millions of entries."""
+
 _NEXT = 1
 _WRITE = 2
 _INDIRECT = 4
@@ -112,6 +118,7 @@ class DeviceQueue:
         "indirect",
         "notify_on_empty",
         "broken",
+        "detached",
         "_initial",
         "_mapping_error",
         "_desc_table",
@@ -135,6 +142,7 @@ class DeviceQueue:
         "_in_flight",
         "_fast_path",
         "_chains",
+        "_slot_heads",
     )
 
     def __init__(
@@ -158,6 +166,7 @@ class DeviceQueue:
         self.indirect = indirect
         self.notify_on_empty = notify_on_empty
         self.broken: errors.DriverError | None = None
+        self.detached = False
         self._initial = (last_avail_idx & U16_MASK, used_idx & U16_MASK)
         self._mapping_error: errors.DriverError | None = None
         self._map_rings()
@@ -194,11 +203,21 @@ class DeviceQueue:
         self._used_head = used_head
         self._used_elems = used_elems
         self._avail_event = avail_event
-        first = self.memory.regions[0]
-        self._ram = first.view
-        self._ram_base = first.gpa
-        self._ram_end = first.end
-        self._fast_path = (self._desc_table, first.gpa, first.size, first.view)
+        # Buffers inside one region are sliced directly by ``chains`` and
+        # ``_walk``, and others go through the slower ``memory.views``. That
+        # region is the largest one, because it likely contains most buffers.
+        # Among regions of equal size it is the one with the descriptor
+        # table, because drivers often allocate rings and buffers together
+        # (DPDK's testpmd with hugepages does).
+        desc = layout.desc
+        fast = max(
+            self.memory.regions,
+            key=lambda region: (region.size, region.gpa <= desc < region.end),
+        )
+        self._ram = fast.view
+        self._ram_base = fast.gpa
+        self._ram_end = fast.end
+        self._fast_path = (self._desc_table, fast.gpa, fast.size, fast.view)
 
     def reset(self) -> None:
         """Return to the initial indices and clear a broken state (2.4, 2.6.1)."""
@@ -212,11 +231,16 @@ class DeviceQueue:
         self.notification_enabled = True
         self._advance_avail_event = self.event_idx
         self._index_gap = (last_avail - used) & U16_MASK
-        self._in_flight = bytearray(self.size)
+        # The upper half stays zero, so a negative head (which indexes from the
+        # end) reads as "not in flight" without a separate sign test.
+        self._in_flight = bytearray(2 * self.size)
         # One Chain object per head, reused: a head has at most one chain in
         # flight, and allocating an object per pop is a third of its cost.
         self._chains = [Chain(head, [], [], 0, 0) for head in range(self.size)]
+        # The head popped from each avail slot, for unpop.
+        self._slot_heads = [0] * self.size
         self.broken = None
+        self.detached = False
 
     @property
     def inuse(self) -> int:
@@ -230,8 +254,22 @@ class DeviceQueue:
 
     @property
     def ready(self) -> bool:
-        """True while the rings are mapped and the queue is not broken."""
-        return self._mapping_error is None and self.broken is None
+        """True while the rings are mapped and the queue is not broken or detached."""
+        return self._mapping_error is None and self.broken is None and not self.detached
+
+    def detach(self) -> None:
+        """Detach the queue from the driver for good, as a device reset does.
+
+        Unlike a driver fault, nothing pending is published: after a reset the
+        device must not write the rings or notify (2.4.1), even from a
+        transmit or a delivery that was under way when the reset came. From
+        then on every call behaves as on a broken queue, until ``reset``.
+        """
+        self.detached = True
+        self._in_flight = bytearray(len(self._in_flight))
+        self._index_gap = (self.last_avail_idx - self.used_idx) & U16_MASK
+        # Route a chains() loop that is still running through available().
+        self._shadow_avail_idx = self.last_avail_idx
 
     # -- errors ---------------------------------------------------------------
 
@@ -246,7 +284,7 @@ class DeviceQueue:
             self._used_head[1] = self.used_idx
             self._published_idx = self.used_idx
         self.broken = error
-        self._in_flight = bytearray(self.size)
+        self._in_flight = bytearray(2 * self.size)
         self._index_gap = (self.last_avail_idx - self.used_idx) & U16_MASK
         # Route every later pop through available(), which returns 0 at once.
         self._shadow_avail_idx = self.last_avail_idx
@@ -259,9 +297,9 @@ class DeviceQueue:
 
         Raises ``AvailIndexJump`` when avail.idx is more than the queue size
         ahead, and ``TooManyInFlight`` when the chains in flight plus the new
-        ones exceed the queue size (2.7). Returns 0 on a broken queue.
+        ones exceed the queue size (2.7). Returns 0 on a broken or detached queue.
         """
-        if self.broken is not None:
+        if self.broken is not None or self.detached:
             return 0
         if self._mapping_error is not None:
             raise self._fail(self._mapping_error)
@@ -317,6 +355,7 @@ class DeviceQueue:
         avail_ring = self._avail_ring
         in_flight = self._in_flight
         chains = self._chains
+        slot_heads = self._slot_heads
         table, base, span, ram = self._fast_path
         while limit:
             limit -= 1
@@ -373,6 +412,7 @@ class DeviceQueue:
                     break
                 index = next_index
             in_flight[head] = 1
+            slot_heads[last & mask] = head
             last = (last + 1) & U16_MASK
             self.last_avail_idx = last
             if self._advance_avail_event:
@@ -488,8 +528,9 @@ class DeviceQueue:
         The WRITE flag of the descriptor that points at the table is ignored
         (2.7.5.3.2). A table may hold more entries than the queue size: the
         driver rule against chains longer than the queue (2.7.5.3.1) is not
-        enforced here, because Linux builds such tables for small queues; the
-        walk is still bounded by the table's own length.
+        enforced here, because Linux builds such tables for small queues. A
+        table longer than both the queue and ``MAX_INDIRECT_ENTRIES`` is
+        rejected, so one walk reads at most that many table entries.
         """
 
         def bad(kind: type[errors.DriverError], why: str) -> errors.DriverError:
@@ -513,6 +554,13 @@ class DeviceQueue:
                 errors.BadIndirectTable,
                 f"table length {length} is not a non-zero multiple of 16",
             )
+        entries = length // DESCRIPTOR_SIZE
+        if entries > max(self.size, MAX_INDIRECT_ENTRIES):
+            raise bad(
+                errors.BadIndirectTable,
+                f"table of {entries} entries is longer than the queue size"
+                f" {self.size} and the limit {MAX_INDIRECT_ENTRIES}",
+            )
         try:
             parts = self.memory.views(addr, length)
         except MemoryAccessError:
@@ -526,7 +574,7 @@ class DeviceQueue:
                 )
             ) from None
         table = parts[0] if len(parts) == 1 else b"".join(bytes(p) for p in parts)
-        return table, length // DESCRIPTOR_SIZE
+        return table, entries
 
     def _translate(self, head: int, index: int, addr: int, length: int) -> list:
         try:
@@ -571,16 +619,28 @@ class DeviceQueue:
         """Give back the ``count`` most recently popped chains, unused.
 
         The next ``pop`` returns them again. Raises ``UsageError`` when fewer
-        than ``count`` chains are in flight.
+        than ``count`` chains are in flight, or when one of the most recent
+        ``count`` pops was already added to the used ring. The heads come from
+        the device's own record of its pops, not from the avail ring, which
+        the driver may have rewritten since.
         """
         if count > self.inuse:
             raise errors.UsageError(
                 f"cannot unpop {count} chains: only {self.inuse} are in flight"
             )
-        for _ in range(count):
-            self.last_avail_idx = (self.last_avail_idx - 1) & U16_MASK
-            slot = self.last_avail_idx & (self.size - 1)
-            self._in_flight[self._avail_ring[slot]] = 0
+        heads = [
+            self._slot_heads[(self.last_avail_idx - back) & self._mask]
+            for back in range(1, count + 1)
+        ]
+        for head in heads:
+            if not self._in_flight[head]:
+                raise errors.UsageError(
+                    f"cannot unpop head {head}: it was already added to the used ring"
+                )
+        for head in heads:
+            self._in_flight[head] = 0
+        self.last_avail_idx = (self.last_avail_idx - count) & U16_MASK
+        self._shadow_avail_idx = self.last_avail_idx
 
     rewind = unpop
 
@@ -632,24 +692,30 @@ class DeviceQueue:
 
         The element becomes visible to the driver at the next ``publish``.
         Raises ``UsageError`` when ``head`` is not in flight. Does nothing on a
-        broken queue.
+        broken or detached queue.
         """
         in_flight = self._in_flight
-        # A broken queue has no heads in flight (_fail clears them), so one
-        # test covers a bad head and a broken queue alike.
+        # A broken or detached queue has no heads in flight (_fail and detach
+        # clear them), so one test covers a bad head and those states alike.
         try:
-            held = head >= 0 and in_flight[head]
+            held = in_flight[head]
         except IndexError:
-            held = False
+            held = 0
         if not held:
-            if self.broken is not None:
+            if self.broken is not None or self.detached:
                 return
             raise errors.UsageError(f"queue {self.index}: head {head} is not in flight")
         used = self.used_idx
         slot = (used & self._mask) << 1
         elems = self._used_elems
+        try:
+            elems[slot + 1] = length
+        except (ValueError, TypeError):
+            raise errors.UsageError(
+                f"queue {self.index}: used length {length!r} for head {head} is"
+                " not a 32-bit unsigned integer"
+            ) from None
         elems[slot] = head
-        elems[slot + 1] = length
         in_flight[head] = 0
         self.used_idx = (used + 1) & U16_MASK
 
@@ -666,7 +732,9 @@ class DeviceQueue:
         since the last publish become visible to the driver in one 16-bit
         store, which is what lets a mergeable RX frame appear whole.
         """
-        if self.broken is not None or self.used_idx == self._published_idx:
+        if self.broken is not None or self.detached:
+            return False
+        if self.used_idx == self._published_idx:
             return False
         old = self._published_idx
         new = self.used_idx
@@ -696,7 +764,9 @@ class DeviceQueue:
             return not self._avail[0] & 1
         valid = self.signalled_used_valid
         old = self.signalled_used
-        new = self.used_idx
+        # Decide over what the driver can see: elements added but not yet
+        # published do not count.
+        new = self._published_idx
         self.signalled_used_valid = True
         self.signalled_used = new
         return not valid or need_event(self._avail[2 + self.size], new, old)
@@ -733,7 +803,10 @@ class DeviceQueue:
         self.notification_enabled = False
         self._advance_avail_event = False
         if not self.event_idx:
-            self._used_head[0] = self._used_head[0] | 1
+            # The whole field is written: the device sets flags to exactly 0
+            # or 1 (2.7.10.2), whatever the driver may have stored there.
+            if self._used_head[0] != 1:
+                self._used_head[0] = 1
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick again; return True if buffers slipped in.
@@ -747,10 +820,14 @@ class DeviceQueue:
             return False
         self.notification_enabled = True
         self._advance_avail_event = self.event_idx
+        # Each field is stored only when it changes, so a queue that starts
+        # with clean rings writes nothing here.
         if self.event_idx:
-            self._avail_event[0] = self._avail[1]
-        else:
-            self._used_head[0] = self._used_head[0] & ~1
+            avail_idx = self._avail[1]
+            if self._avail_event[0] != avail_idx:
+                self._avail_event[0] = avail_idx
+        elif self._used_head[0]:
+            self._used_head[0] = 0
         self.memory.fence()
         return self._avail[1] != self.last_avail_idx
 

@@ -98,6 +98,10 @@ class DriverQueue:
         self._avail[1] = self.start_index
         self._avail[2 + size] = self.start_index
         self._used_head[1] = self.start_index
+        # Linux's ring reset also clears the device's fields, so a NO_NOTIFY
+        # flag or avail_event left from before cannot suppress the first kick.
+        self._used_head[0] = 0
+        self._avail_event[0] = self.start_index
 
     # -- adding buffers -------------------------------------------------------
 
@@ -269,6 +273,9 @@ class DriverQueue:
         for head, token in enumerate(self._tokens):
             if token is not None:
                 self._detach(head)
+                # Like Linux, take the buffer back out of the avail ring too.
+                self.avail_idx_shadow = (self.avail_idx_shadow - 1) & U16_MASK
+                self._avail[1] = self.avail_idx_shadow
                 return token
         return None
 

@@ -183,8 +183,12 @@ class GuestMemory:
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest memory at ``address``."""
         source = memoryview(data).cast("B")
+        parts = self.views(address, len(source))
+        if not len(source):
+            # views() returns a read-only empty view for a zero length.
+            return
         offset = 0
-        for part in self.views(address, len(source)):
+        for part in parts:
             part[:] = source[offset : offset + len(part)]
             offset += len(part)
 
