@@ -30,7 +30,7 @@ import enum
 from collections.abc import Sequence
 from typing import Self, Union
 
-__all__ = ["Backend", "SendStatus", "Buffer"]
+__all__ = ["Backend", "SendStatus", "Buffer", "split_header"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -76,6 +76,19 @@ class Backend(abc.ABC):
     def send(self, header: Buffer, frame: Sequence[Buffer]) -> SendStatus:
         """Transmit one frame; see the module docstring for the statuses."""
 
+    def send_gather(self, buffers: Sequence[Buffer]) -> SendStatus:
+        """Transmit one frame given as the header and frame bytes in a row.
+
+        The concatenation of ``buffers`` is ``header_size`` bytes of
+        virtio_net_hdr followed by the frame, wherever the boundaries fall:
+        the device passes a TX chain's buffers as they are, so a backend that
+        writes them out (a TAP's writev) needs no split. Returns what ``send``
+        returns. This default splits the buffers and calls ``send``. Raises
+        ValueError when they hold fewer than ``header_size`` bytes.
+        """
+        header, frame = split_header(buffers, self.header_size)
+        return self.send(header, frame)
+
     def receive(self) -> tuple[bytes, bytes] | None:
         """Return the next received ``(header, frame)``, or None."""
         return None
@@ -112,3 +125,28 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def split_header(
+    buffers: Sequence[Buffer], header_size: int
+) -> tuple[bytes, list[memoryview]]:
+    """Split buffers into ``header_size`` header bytes and views of the frame.
+
+    Raises ValueError when the buffers hold fewer than ``header_size`` bytes.
+    """
+    header = bytearray()
+    frame: list[memoryview] = []
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        need = header_size - len(header)
+        if need > 0:
+            header += view[:need]
+            view = view[need:]
+        if len(view):
+            frame.append(view)
+    if len(header) < header_size:
+        raise ValueError(
+            f"buffers of {len(header)} bytes, shorter than the {header_size}-byte"
+            " header"
+        )
+    return bytes(header), frame

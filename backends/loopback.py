@@ -162,3 +162,49 @@ class NullBackend(LoopbackBackend):
 
     def __init__(self, *, header_size: int = 12) -> None:
         super().__init__(discard=True, header_size=header_size)
+
+    def send(self, header: Buffer, frame: Sequence[Buffer]) -> SendStatus:
+        """Count one frame and return what ``LoopbackBackend.send`` returns.
+
+        The frame is measured instead of joined into one copy, which makes
+        this the cheapest backend for throughput runs.
+        """
+        if len(header) != self.header_size:
+            raise ValueError(
+                f"header of {len(header)} bytes, but the backend expects"
+                f" {self.header_size}"
+            )
+        if self._faults:
+            return self._apply_fault()
+        size = 0
+        for part in frame:
+            size += len(part)
+        if not size:
+            self.drops["empty-frame"] += 1
+            return SendStatus.DROPPED
+        self.frames_sent += 1
+        self.bytes_sent += size
+        return SendStatus.SENT
+
+    def send_gather(self, buffers: Sequence[Buffer]) -> SendStatus:
+        """Count one frame given as header and frame bytes in a row.
+
+        Returns what ``send`` returns. Raises ValueError when the buffers
+        hold fewer than ``header_size`` bytes.
+        """
+        if self._faults:
+            return self._apply_fault()
+        size = -self.header_size
+        for buffer in buffers:
+            size += len(buffer)
+        if size <= 0:
+            if size < 0:
+                raise ValueError(
+                    f"buffers of {size + self.header_size} bytes, shorter than"
+                    f" the {self.header_size}-byte header"
+                )
+            self.drops["empty-frame"] += 1
+            return SendStatus.DROPPED
+        self.frames_sent += 1
+        self.bytes_sent += size
+        return SendStatus.SENT

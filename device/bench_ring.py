@@ -62,7 +62,12 @@ def _device_round(queue: DeviceQueue, avail: memoryview, batch: int) -> int:
 
 
 def _bare_round(state: dict, avail: memoryview, batch: int) -> int:
-    """Pop and complete chains with no checks: the reference loop."""
+    """Pop and complete chains with no checks: the reference loop.
+
+    It does the same memory accesses as the device queue with EVENT_IDX on:
+    read the head, the descriptors and their buffers, write avail_event after
+    each pop, write the used element, and store used.idx once per batch.
+    """
     avail[1] = (avail[1] + batch) & 0xFFFF
     table = state["table"]
     ram = state["ram"]
@@ -70,6 +75,7 @@ def _bare_round(state: dict, avail: memoryview, batch: int) -> int:
     mask = state["mask"]
     last = state["last"]
     used = state["used"]
+    avail_event = state["avail_event"]
     target = avail[1]
     unpack = _desc_format.unpack_from
     done = 0
@@ -88,6 +94,7 @@ def _bare_round(state: dict, avail: memoryview, batch: int) -> int:
         used_elems[slot + 1] = 0
         used = (used + 1) & 0xFFFF
         last = (last + 1) & 0xFFFF
+        avail_event[0] = last
         done += 1
     state["used_head"][1] = used
     state["last"] = last
@@ -122,6 +129,7 @@ def bench_ring(seconds: float = 2.0, queue_size: int = 256, repeats: int = 10) -
             "ram": memory.regions[0].view,
             "used_elems": memory.u32_array(layout.used + 4, 2 * layout.size),
             "used_head": memory.u16_array(layout.used, 2),
+            "avail_event": memory.u16_array(layout.avail_event_addr, 1),
             "mask": layout.size - 1,
             "last": 0,
             "used": 0,

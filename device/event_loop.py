@@ -129,11 +129,13 @@ class EventLoop:
         candidates = [t for t in (wake, deadline) if t is not None]
         if not candidates:
             return 0.5
+        delay_ns = min(candidates) - now
         # epoll waits in whole milliseconds and rounds a shorter timeout up,
-        # which would run a bottom half due in 1 us a millisecond late. Wait
-        # the whole milliseconds only and poll for the rest.
-        whole_ms = (min(candidates) - now) // 1_000_000
-        return max(0.0, whole_ms / 1e3)
+        # which would run a bottom half due in 1 us a millisecond late. The
+        # loop polls for timers due sooner than that.
+        if delay_ns < 1_000_000:
+            return 0.0
+        return delay_ns / 1e9
 
     def _dispatch(self, fd: int, events: int) -> None:
         for event in (selectors.EVENT_READ, selectors.EVENT_WRITE):

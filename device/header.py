@@ -24,6 +24,7 @@ __all__ = [
     "ZERO_HEADER_12",
     "MAX_FRAME_SIZE",
     "check_tx_header",
+    "exceeds_mtu",
     "complete_checksum",
 ]
 
@@ -132,6 +133,34 @@ def check_tx_header(header: NetHeader, frame_len: int, features: int) -> str | N
     if not header.flags & HeaderFlags.NEEDS_CSUM or header.gso_size == 0:
         return "bad-gso"
     return None
+
+
+ETHERNET_HEADER = 14
+VLAN_TAG = 4
+_VLAN_TPIDS = (b"\x81\x00", b"\x88\xa8")
+
+
+def exceeds_mtu(
+    parts: list[bytes] | list[memoryview], frame_len: int, mtu: int
+) -> bool:
+    """Tell whether a frame is longer than ``mtu`` plus its Ethernet header.
+
+    This is the limit of 5.1.4.1 and 5.1.4.2 for frames with gso_type NONE
+    (or only ECN) once VIRTIO_NET_F_MTU is negotiated. The header is 14
+    bytes, or 18 when the frame carries an 802.1Q or 802.1ad tag, because a
+    VLAN device on the guest uses the same MTU with the tag in the frame.
+    ``parts`` are the frame's buffers in order and ``frame_len`` their total.
+    """
+    if frame_len <= mtu + ETHERNET_HEADER:
+        return False
+    if frame_len > mtu + ETHERNET_HEADER + VLAN_TAG:
+        return True
+    head = bytearray()
+    for part in parts:
+        head += part[: ETHERNET_HEADER - len(head)]
+        if len(head) == ETHERNET_HEADER:
+            break
+    return bytes(head[12:14]) not in _VLAN_TPIDS
 
 
 def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:

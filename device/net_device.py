@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 
 from backends.base import Backend
 from virtio import (
@@ -26,6 +27,7 @@ from virtio import (
     GuestMemory,
     RingLayout,
     StatusRegister,
+    UsageError,
     VirtioFeature,
     validate_features,
 )
@@ -76,6 +78,9 @@ DEFAULT_MAC = bytes.fromhex("525400123456")
 _CONFIG = struct.Struct("<6sHHH")
 ETHERNET_HEADER = 14
 VLAN_TAG = 4
+MAX_CONTROL_REQUEST = 65536
+"""Longest control request read, in bytes. A MAC table of 10000 entries fits;
+no command the device knows needs more."""
 
 
 class VirtioNetDevice:
@@ -113,7 +118,7 @@ class VirtioNetDevice:
         self.backend = backend
         self.interrupts = interrupts or InterruptNotifier()
         self.clock = clock or VirtualClock()
-        self.trace = trace or Trace(enabled=False)
+        self.trace = trace if trace is not None else Trace(enabled=False)
         self.offered = offered
         self.mac = bytes(mac)
         self.mtu = mtu
@@ -125,6 +130,10 @@ class VirtioNetDevice:
         }
         TxMode(tx_mode)  # raises ValueError naming an unknown mode
         self.hold_limit = hold_limit
+        #: Called when the backend returned BUSY for a TX frame; the owner of
+        #: the backend then waits for it to be writable and calls
+        #: ``backend_writable``.
+        self.on_backend_busy: Callable[[], None] = _ignore
         self.stats = DeviceStats()
         self.status = StatusRegister()
         self.memory: GuestMemory | None = None
@@ -138,6 +147,18 @@ class VirtioNetDevice:
         policy = getattr(self, "tx_policy", None)
         if policy is not None:
             policy.cancel()
+        rx = getattr(self, "rx", None)
+        if rx is not None and rx.held:
+            # Frames taken from the backend and not delivered are lost with
+            # the reset; they are counted. The chains in flight need no
+            # unpop: the driver sets the rings up again.
+            rx.stats.drop("queue-stopped", len(rx.held))
+            rx.held.clear()
+        # A reset can come from inside a backend call, with a transmit or a
+        # delivery still on the stack: the old queues must not touch the
+        # rings or notify after the reset (2.4.1), so they are detached.
+        for queue in getattr(self, "queues", {}).values():
+            queue.detach()
         self.status.write(0)
         self.driver_features = 0
         self.error: DriverError | None = None
@@ -244,6 +265,35 @@ class VirtioNetDevice:
         if self.status.driver_ok:
             self._start_queue(index)
 
+    def stop_queue(self, index: int) -> int:
+        """Stop one running queue and return its next avail index.
+
+        This is vhost-user's GET_VRING_BASE (and a queue reset, 2.6.1): the
+        device finishes or gives back the chains it popped (``TxQueue.stop``,
+        ``RxQueue.stop``), forgets the queue and keeps no view of guest
+        memory once no queue runs. Restarting with ``setup_queue`` from the
+        returned index loses no chain. Raises ``UsageError`` when the queue
+        is not running.
+        """
+        queue = self.queues.pop(index, None)
+        if queue is None:
+            raise UsageError(f"queue {index} is not running")
+        self.layouts.pop(index, None)
+        if index == TX_QUEUE:
+            if self.tx_policy is not None:
+                self.tx_policy.cancel()
+            self.tx.stop()
+            self.tx = None
+            self.tx_policy = None
+        elif index == RX_QUEUE:
+            self.rx.stop()
+            self.rx = None
+        else:
+            self.control = None
+        if not self.queues:
+            self.memory = None
+        return queue.last_avail_idx
+
     def _start(self) -> None:
         for index in sorted(self.layouts):
             self._start_queue(index)
@@ -263,6 +313,10 @@ class VirtioNetDevice:
             last_avail_idx=last_avail,
             used_idx=used,
         )
+        # The queue starts from a reset, so used.idx at start is a valid
+        # reference for the event index test (2.7.7.2): the first completion
+        # notifies only if it crosses used_event, like every later one.
+        queue.signalled_used_valid = True
         self.queues[index] = queue
         if index == RX_QUEUE:
             self.rx = self._make_rx(queue)
@@ -285,6 +339,14 @@ class VirtioNetDevice:
             )
         self.filter.vlan_filtering = bool(features & NetFeature.CTRL_VLAN)
         self.backend.configure(self.header_len, features & GUEST_OFFLOADS)
+        # used.flags and avail_event in guest memory may be left over from an
+        # earlier run of the queue (a vhost-user frontend reconnecting), and a
+        # stale value would keep the driver from ever kicking: write them.
+        slipped_in = queue.enable_notification()
+        if slipped_in and (last_avail or used):
+            # A restored ring may hold chains whose kick went to the previous
+            # backend; look at them now instead of waiting for the next kick.
+            self.handle_kick(index)
 
     def _make_rx(self, queue: DeviceQueue) -> RxQueue:
         max_frame = 65535 + ETHERNET_HEADER
@@ -300,8 +362,12 @@ class VirtioNetDevice:
             suppressed=self.interrupts.suppressed,
             on_break=self.fail,
             max_frame=max_frame,
+            mtu=self._negotiated_mtu(),
             hold_limit=self.hold_limit,
         )
+
+    def _negotiated_mtu(self) -> int | None:
+        return self.mtu if self.driver_features & NetFeature.MTU else None
 
     def _make_tx(self, queue: DeviceQueue) -> TxQueue:
         return TxQueue(
@@ -315,8 +381,13 @@ class VirtioNetDevice:
             suppressed=self.interrupts.suppressed,
             on_break=self.fail,
             max_frame=MAX_FRAME_SIZE,
+            mtu=self._negotiated_mtu(),
             software_checksum=not self.backend.takes_offloads,
+            on_busy=self._backend_busy,
         )
+
+    def _backend_busy(self) -> None:
+        self.on_backend_busy()
 
     # -- the broken state --------------------------------------------------------
 
@@ -365,8 +436,12 @@ class VirtioNetDevice:
         queue = self.queues[CTRL_QUEUE]
         try:
             for chain in queue.chains():
-                request = b"".join(bytes(view) for view in chain.readable)
-                ack = self.control.handle(request) if chain.writable else VIRTIO_NET_ERR
+                ack = VIRTIO_NET_ERR
+                # The request is copied, so its guest-chosen length is bounded
+                # first; a longer one gets ERR without being read.
+                if chain.writable and chain.readable_len <= MAX_CONTROL_REQUEST:
+                    request = b"".join(bytes(view) for view in chain.readable)
+                    ack = self.control.handle(request)
                 written = 0
                 if chain.writable:
                     chain.writable[0][0] = ack
@@ -443,3 +518,7 @@ class VirtioNetDevice:
     def _set_mac(self, mac: bytes) -> None:
         self.mac = mac
         self.filter.mac = mac
+
+
+def _ignore() -> None:
+    return None

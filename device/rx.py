@@ -22,7 +22,14 @@ from collections.abc import Callable
 from virtio import Chain, DeviceQueue, DriverError
 
 from .features import NetFeature
-from .header import GSO_ECN, GsoType, HeaderFlags, NetHeader, complete_checksum
+from .header import (
+    GSO_ECN,
+    GsoType,
+    HeaderFlags,
+    NetHeader,
+    complete_checksum,
+    exceeds_mtu,
+)
 from .stats import QueueStats
 from .trace import Step, Trace
 
@@ -64,6 +71,7 @@ class RxQueue:
         suppressed: Callable[[int], None],
         on_break: Callable[[DriverError], None],
         max_frame: int,
+        mtu: int | None = None,
         hold_limit: int = DEFAULT_HOLD_LIMIT,
     ) -> None:
         self.queue = queue
@@ -76,11 +84,15 @@ class RxQueue:
         self.suppressed = suppressed
         self.on_break = on_break
         self.max_frame = max_frame
+        self.mtu = mtu
         self.hold_limit = hold_limit
         self.held: collections.deque[tuple[bytes, bytes]] = collections.deque()
         # Mergeable chains popped for a frame that did not fit yet; they stay
         # in flight and are used by the next frame delivered.
         self._partial: list[Chain] = []
+        plain = NetHeader()
+        plain.num_buffers = 1 if header_len >= 12 else 0
+        self._plain_header = plain.pack(header_len)
 
     # -- entry points ---------------------------------------------------------
 
@@ -109,6 +121,21 @@ class RxQueue:
             delivered += outcome is RxResult.DELIVERED
         return delivered
 
+    def stop(self) -> None:
+        """Give back gathered chains and drop held frames before the queue stops.
+
+        Chains popped for a mergeable frame that did not fit yet are the last
+        ones popped, so they go back to the avail ring unused. Held frames are
+        counted as "queue-stopped" drops.
+        """
+        if self._partial:
+            if self.queue.broken is None:
+                self.queue.unpop(len(self._partial))
+            self._partial = []
+        if self.held:
+            self.stats.drop("queue-stopped", len(self.held))
+            self.held.clear()
+
     # -- header ---------------------------------------------------------------
 
     def _prepare_header(
@@ -128,11 +155,16 @@ class RxQueue:
                 if not self.features & needed:
                     self.stats.drop("rx-gso-not-negotiated")
                     return None
-            elif len(frame) > self.max_frame:
+            elif self._too_long(frame):
                 self.stats.drop("frame-too-large")
                 return None
             if not self.features & NetFeature.GUEST_CSUM:
                 if fields.flags & HeaderFlags.NEEDS_CSUM and gso == GsoType.NONE:
+                    # The backend's offsets are checked before the device
+                    # writes the checksum into its copy of the frame.
+                    if fields.csum_start + fields.csum_offset + 2 > len(frame):
+                        self.stats.drop("bad-csum-offset")
+                        return None
                     frame = bytearray(frame)
                     complete_checksum(frame, fields.csum_start, fields.csum_offset)
                     frame = bytes(frame)
@@ -140,10 +172,18 @@ class RxQueue:
                 fields.csum_start = fields.csum_offset = 0
             fields.flags &= HeaderFlags.NEEDS_CSUM | HeaderFlags.DATA_VALID
             fields.num_buffers = 0
-        elif len(frame) > self.max_frame:
+        elif self._too_long(frame):
             self.stats.drop("frame-too-large")
             return None
         return fields, frame
+
+    def _too_long(self, frame: bytes) -> bool:
+        """Tell whether a frame without GSO is longer than the driver accepts."""
+        if len(frame) > self.max_frame:
+            return True
+        # 5.1.4.1: no frame over mtu plus its Ethernet header once MTU is
+        # negotiated.
+        return self.mtu is not None and exceeds_mtu([frame], len(frame), self.mtu)
 
     def _hold(self, header_fields: NetHeader | None, frame: bytes) -> RxResult:
         if len(self.held) >= self.hold_limit:
@@ -165,6 +205,9 @@ class RxQueue:
                     return self._place(header_fields, frame)
                 except _NoBuffers:
                     if not self.queue.enable_notification():
+                        # Chains dropped on the way (no writable buffer) are
+                        # completed now, not when the next frame arrives.
+                        self._publish()
                         return None
                     # Buffers slipped in while notifications were off.
         except DriverError as error:
@@ -183,9 +226,16 @@ class RxQueue:
             self.queue.disable_notification()
         header = self._header_bytes(header_fields, len(chains))
         self._write(chains, header, frame)
-        self.stats.frames += 1
-        self.stats.bytes += len(frame)
-        self.trace.record(Step.RX_DELIVER, detail=f"{len(frame)} bytes")
+        if not self.queue.ready:
+            # A reset came during the delivery (a reentrant call): the frame
+            # is lost with the queue, so it counts as dropped, not delivered.
+            self.stats.drop("queue-stopped")
+            return RxResult.DROPPED
+        stats = self.stats
+        stats.frames += 1
+        stats.bytes += len(frame)
+        if self.trace.enabled:
+            self.trace.record(Step.RX_DELIVER, detail=f"{len(frame)} bytes")
         self._publish()
         return RxResult.DELIVERED
 
@@ -198,9 +248,25 @@ class RxQueue:
         if not self.mergeable:
             return self._gather_one(total)
         chains = self._partial
+        if not chains:
+            # The usual frame fits the first chain popped; anything else goes
+            # on below with that chain gathered.
+            chain = self.queue.pop()
+            if chain is None:
+                raise _NoBuffers
+            if self._usable(chain):
+                if chain.writable_len >= total:
+                    return [chain]
+                chains.append(chain)
         room = sum(chain.writable_len for chain in chains)
         while room < total:
             if len(chains) >= self.queue.size:
+                # Not even every buffer of the ring holds the frame. It is
+                # dropped, and the chains taken for it go back to the driver
+                # unwritten (len 0) instead of staying in flight.
+                for chain in chains:
+                    self.queue.add_used(chain.head, 0)
+                self._partial = []
                 return None
             chain = self.queue.pop()
             if chain is None:
@@ -227,7 +293,11 @@ class RxQueue:
             return [chain]
 
     def _usable(self, chain: Chain) -> bool:
-        """Complete a chain the device cannot write into; True if usable."""
+        """Complete a chain the device cannot write into; True if usable.
+
+        Policy: such a chain is completed with len 0 (DROP-CHAIN), where QEMU
+        breaks the device; the frame goes to the next usable chain or waits.
+        """
         if not chain.writable:
             self.stats.drop("no-writable-in-rx")
         elif self.mergeable and chain.writable_len < self.header_len:
@@ -239,6 +309,9 @@ class RxQueue:
 
     def _header_bytes(self, fields: NetHeader | None, buffers: int) -> bytes:
         if fields is None:
+            if buffers == 1:
+                # The header of a plain frame in one buffer never changes.
+                return self._plain_header
             fields = NetHeader()
         fields.num_buffers = buffers if self.header_len >= 12 else 0
         return fields.pack(self.header_len)
@@ -248,10 +321,24 @@ class RxQueue:
 
         Every buffer but the last is filled completely (5.1.6.4.1).
         """
+        queue = self.queue
+        add_used = queue.add_used
+        total = len(header) + len(frame)
+        first = chains[0].writable[0]
+        if len(chains) == 1 and len(first) >= total and not queue.detached:
+            # The usual frame fits the first buffer: two copies, no join.
+            header_len = len(header)
+            first[:header_len] = header
+            first[header_len:total] = frame
+            add_used(chains[0].head, total)
+            return
         data = memoryview(header + frame)
         offset = 0
-        add_used = self.queue.add_used
         for chain in chains:
+            if queue.detached:
+                # After a reset the buffers belong to the driver again, so
+                # nothing more is written into them (2.4.1).
+                return
             start = offset
             for view in chain.writable:
                 if offset >= len(data):

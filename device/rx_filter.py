@@ -16,6 +16,7 @@ __all__ = ["ReceiveFilter", "BROADCAST", "MAX_VLAN_ID"]
 BROADCAST = b"\xff" * 6
 MAX_VLAN_ID = 4095
 _TPID_8021Q = b"\x81\x00"
+ETHERNET_HEADER = 14
 
 
 @dataclass
@@ -38,6 +39,9 @@ class ReceiveFilter:
         """Tell whether a received Ethernet frame passes the filter."""
         if self.promiscuous:
             return True
+        if len(frame) < ETHERNET_HEADER:
+            # Without a whole Ethernet header there is no address to match.
+            return False
         if self.vlan_filtering and bytes(frame[12:14]) == _TPID_8021Q:
             vlan_id = int.from_bytes(frame[14:16], "big") & MAX_VLAN_ID
             if vlan_id not in self.vlans:

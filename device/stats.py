@@ -5,16 +5,20 @@ files and tests key on them:
 
 - ``header-incomplete``: a TX chain shorter than the virtio_net_hdr;
 - ``frame-empty``: a TX chain that is only a header;
-- ``frame-too-large``: a TX frame over 65550 bytes, or over the MTU;
+- ``frame-too-large``: a TX frame over 65550 bytes, or a frame without GSO
+  over the negotiated MTU in either direction;
 - ``writable-in-tx``: a TX chain with a device-writable buffer;
 - ``no-writable-in-rx``: an RX chain without a device-writable buffer;
 - ``rx-never-fits``: a received frame no posted buffer can hold;
 - ``rx-buffer-too-small``: a mergeable RX buffer shorter than the header;
 - ``no-rx-buffer``: a received frame dropped because the hold queue was full;
 - ``not-ready``: a frame or kick before DRIVER_OK, or after the device broke;
+- ``queue-stopped``: a received frame held for RX, or being delivered, when
+  its queue stopped or the device was reset;
 - ``unknown-queue``: a kick for a queue that does not exist;
 - ``backend-rejected``: the backend refused a frame for good;
-- ``bad-gso``, ``bad-csum-offset``: TX offload requests the device cannot honour;
+- ``bad-gso``, ``bad-csum-offset``: TX offload requests the device cannot honour,
+  and a received frame whose checksum offsets point past its end;
 - ``rx-gso-not-negotiated``: a received GSO frame for a driver without that offload;
 - ``filtered``: a received frame the receive filter rejected.
 """
@@ -37,6 +41,7 @@ DROP_REASONS = (
     "rx-buffer-too-small",
     "no-rx-buffer",
     "not-ready",
+    "queue-stopped",
     "unknown-queue",
     "backend-rejected",
     "bad-gso",

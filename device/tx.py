@@ -18,7 +18,15 @@ from collections.abc import Callable
 from backends.base import Backend, SendStatus
 from virtio import Chain, DeviceQueue, DriverError
 
-from .header import MAX_FRAME_SIZE, NetHeader, check_tx_header, complete_checksum
+from .features import NetFeature
+from .header import (
+    GSO_ECN,
+    MAX_FRAME_SIZE,
+    NetHeader,
+    check_tx_header,
+    complete_checksum,
+    exceeds_mtu,
+)
 from .stats import QueueStats
 from .trace import Step, Trace
 
@@ -74,7 +82,9 @@ class TxQueue:
         suppressed: Callable[[int], None],
         on_break: Callable[[DriverError], None],
         max_frame: int = MAX_FRAME_SIZE,
+        mtu: int | None = None,
         software_checksum: bool = False,
+        on_busy: Callable[[], None] | None = None,
     ) -> None:
         self.queue = queue
         self.backend = backend
@@ -86,9 +96,15 @@ class TxQueue:
         self.suppressed = suppressed
         self.on_break = on_break
         self.max_frame = max_frame
-        self.software_checksum = software_checksum
+        self.mtu = mtu
+        # Only a negotiated CSUM makes NEEDS_CSUM meaningful; without it the
+        # flag is an unnegotiated bit and is ignored (5.1.6.2.1).
+        self.software_checksum = software_checksum and bool(features & NetFeature.CSUM)
         self.pending: Chain | None = None
-        self.pending_frame: tuple[bytes, list[memoryview]] | None = None
+        self.pending_frame: tuple[bytes | memoryview, list[memoryview]] | None = None
+        # Called when the backend returns BUSY, so an event loop can wait for
+        # the backend to become writable and then call ``resume``.
+        self.on_busy = on_busy or _ignore
 
     def flush(self, burst: int) -> int | FlushResult:
         """Transmit up to ``burst`` chains; return how many were completed.
@@ -100,24 +116,64 @@ class TxQueue:
         if self.pending is not None:
             self.queue.disable_notification()
             return FlushResult.BUSY
-        self.stats.flushes += 1
+        stats = self.stats
+        stats.flushes += 1
         self.trace.record(Step.TX_FLUSH)
         done = 0
         queue = self.queue
+        add_used = queue.add_used
+        send_gather = self.backend.send_gather
+        header_len = self.header_len
+        # A frame of at most mtu + 14 bytes cannot exceed the MTU, tagged or
+        # not, so the fast path skips exceeds_mtu for it (5.1.4.2).
+        max_plain = self.max_frame
+        if self.mtu is not None:
+            max_plain = min(max_plain, self.mtu + _ETHERNET_HEADER)
+        plain_limit = header_len + max_plain
+        sent = sent_bytes = 0
         try:
             for chain in queue.chains(burst):
+                total = chain.readable_len
+                # The fast path is _extract's result for the usual chain: a
+                # frame that is neither empty nor too large, with no offload
+                # requested (header flags and gso_type 0). The backend gets
+                # the chain's buffers as they are, header included.
+                if header_len < total <= plain_limit and not chain.writable_len:
+                    readable = chain.readable
+                    first = readable[0]
+                    if len(first) >= 2 and not first[0] and not first[1]:
+                        status = send_gather(readable)
+                        if status is _SENT:
+                            sent += 1
+                            sent_bytes += total - header_len
+                            add_used(chain.head, 0)
+                            done += 1
+                            continue
+                        frame = split_frame(readable, header_len)
+                        if not self._finish_send(frame, status):
+                            self._wait_for_backend(chain)
+                            return FlushResult.BUSY
+                        add_used(chain.head, 0)
+                        done += 1
+                        continue
                 if not self._transmit(chain):
-                    self.pending = chain
-                    queue.disable_notification()
-                    self._publish()
+                    self._wait_for_backend(chain)
                     return FlushResult.BUSY
-                queue.add_used(chain.head, 0)
+                add_used(chain.head, 0)
                 done += 1
         except DriverError as error:
             self.on_break(error)
             return FlushResult.BROKEN
+        finally:
+            stats.frames += sent
+            stats.bytes += sent_bytes
         self._publish()
         return done
+
+    def _wait_for_backend(self, chain: Chain) -> None:
+        self.pending = chain
+        self.queue.disable_notification()
+        self._publish()
 
     def resume(self) -> bool:
         """Send the pending chain again; return True when it was completed."""
@@ -132,6 +188,21 @@ class TxQueue:
         self._publish()
         return True
 
+    def stop(self) -> None:
+        """Finish or give back the pending chain before the queue stops.
+
+        The pending chain is sent if the backend takes it now. Otherwise it
+        goes back to the avail ring (it is the last chain popped, because a
+        flush stops at it), so a restart from ``last_avail_idx`` sends it and
+        nothing is sent twice.
+        """
+        if self.pending is None or self.resume():
+            return
+        self.pending = None
+        self.pending_frame = None
+        if self.queue.broken is None:
+            self.queue.unpop()
+
     def _transmit(self, chain: Chain) -> bool:
         """Send one chain's frame; False means the backend is busy."""
         frame = self.pending_frame if self.pending is chain else None
@@ -139,20 +210,32 @@ class TxQueue:
             frame = self._extract(chain)
             if frame is None:
                 return True
-        header, parts = frame
-        status = self.backend.send(header, parts)
+        status = self.backend.send(*frame)
         if status is SendStatus.SENT:
             self.stats.frames += 1
             self.stats.bytes += chain.readable_len - self.header_len
             return True
+        return self._finish_send(frame, status)
+
+    def _finish_send(
+        self, frame: tuple[bytes | memoryview, list[memoryview]], status: SendStatus
+    ) -> bool:
+        """Handle a send that returned BUSY or DROPPED. False means BUSY."""
         if status is SendStatus.BUSY:
             self.pending_frame = frame
+            self.on_busy()
             return False
         self.stats.drop("backend-rejected")
         return True
 
     def _extract(self, chain: Chain) -> tuple[bytes, list[memoryview]] | None:
-        """Check a chain and return its header and frame, or None if dropped."""
+        """Check a chain and return its header and frame, or None if dropped.
+
+        Policy: a chain whose ring structure is valid but whose frame is not
+        (wrong direction, too short, too long, bad offloads) is dropped and
+        completed with len 0 (DROP-CHAIN); only ring violations break the
+        device. The sizes come from the descriptor lengths, before any copy.
+        """
         reason = None
         if chain.writable_len:
             reason = "writable-in-tx"
@@ -166,6 +249,13 @@ class TxQueue:
             self.stats.drop(reason)
             return None
         header, parts = split_frame(chain.readable, self.header_len)
+        # A driver that negotiated MTU must not send longer frames without
+        # GSO (5.1.4.2); there is no device rule, so the chain is dropped.
+        if self.mtu is not None and not header[1] & ~GSO_ECN:
+            frame_len = chain.readable_len - self.header_len
+            if exceeds_mtu(parts, frame_len, self.mtu):
+                self.stats.drop("frame-too-large")
+                return None
         if header[0] or header[1]:
             return self._check_offloads(header, parts, chain.readable_len)
         return header, parts
@@ -207,3 +297,11 @@ class TxQueue:
             self.on_break(error)
             return
         self._publish()
+
+
+_SENT = SendStatus.SENT
+_ETHERNET_HEADER = 14
+
+
+def _ignore() -> None:
+    return None

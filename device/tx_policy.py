@@ -110,7 +110,7 @@ class TxPolicy:
         result = self.tx.flush(self.tx_burst)
         if isinstance(result, int) and result >= self.tx_burst:
             self._disable_notification()
-            self._schedule(self.tx_timeout_ns)
+            self._reschedule()
 
     def cancel(self) -> None:
         """Forget scheduled work (device reset)."""
@@ -146,7 +146,7 @@ class TxPolicy:
         self.trace.record(Step.NOTIFICATIONS_ENABLED)
         return slipped_in
 
-    def _flush_and_recheck(self, reschedule_delay_ns: int) -> None:
+    def _flush_and_recheck(self) -> None:
         """Flush one burst; reschedule after a full one, else re-enable and retry.
 
         This is the body QEMU's bottom half and fixed timer share.
@@ -155,13 +155,17 @@ class TxPolicy:
         if isinstance(result, FlushResult):
             return
         if result >= self.tx_burst:
-            self._schedule(reschedule_delay_ns)
+            self._reschedule()
             return
         self._enable_notification()
         result = self.tx.flush(self.tx_burst)
         if isinstance(result, int) and result > 0:
             self._disable_notification()
-            self._schedule(reschedule_delay_ns)
+            self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Schedule the next run after a full burst or a late arrival."""
+        raise NotImplementedError
 
 
 class BottomHalfPolicy(TxPolicy):
@@ -178,7 +182,10 @@ class BottomHalfPolicy(TxPolicy):
     def run(self) -> None:
         self.stats.bh_runs += 1
         self.trace.record(Step.TX_BH_RUN)
-        self._flush_and_recheck(self.bh_delay_ns)
+        self._flush_and_recheck()
+
+    def _reschedule(self) -> None:
+        self._schedule(self.bh_delay_ns)
 
 
 class TimerPolicy(TxPolicy):
@@ -202,19 +209,11 @@ class TimerPolicy(TxPolicy):
     def run(self) -> None:
         self.stats.timer_fires += 1
         self.trace.record(Step.TX_TIMER_FIRE)
-        result = self.tx.flush(self.tx_burst)
-        if isinstance(result, FlushResult):
-            return
-        if result >= self.tx_burst:
-            self.stats.timer_arms += 1
-            self._schedule(self.tx_timeout_ns)
-            return
-        self._enable_notification()
-        result = self.tx.flush(self.tx_burst)
-        if isinstance(result, int) and result > 0:
-            self._disable_notification()
-            self.stats.timer_arms += 1
-            self._schedule(self.tx_timeout_ns)
+        self._flush_and_recheck()
+
+    def _reschedule(self) -> None:
+        self.stats.timer_arms += 1
+        self._schedule(self.tx_timeout_ns)
 
 
 class LegacyTimerPolicy(TxPolicy):
@@ -249,26 +248,43 @@ class LegacyTimerPolicy(TxPolicy):
 class ImmediatePolicy(TxPolicy):
     mode = TxMode.IMMEDIATE
 
+    _draining = False
+
     def on_kick(self) -> None:
         self.trace.record(Step.HANDLE_TX, detail="process_tx")
-        if self.waiting:
+        # A kick from inside a drain (a backend that calls back) is not
+        # served reentrantly: the drain re-reads the ring after re-enabling
+        # notifications, so it sees what the kick announced.
+        if self.waiting or self._draining:
             return
         self._disable_notification()
         self.run()
 
     def run(self) -> None:
+        self._draining = True
+        try:
+            self._drain()
+        finally:
+            self._draining = False
+
+    def _drain(self) -> None:
         self.stats.bh_runs += 1
         while True:
             result = self.tx.flush(self.tx_burst)
             if isinstance(result, FlushResult):
                 return
             if result >= self.tx_burst:
-                # Yield after a budget of chains; come back without a kick.
-                self._schedule(0)
+                self._reschedule()
                 return
             if not self._enable_notification():
                 return
             self._disable_notification()
+
+    def _reschedule(self) -> None:
+        # Yield after a budget of chains and come back without a kick. The
+        # delay is not 0, so that the other events due now (a received frame,
+        # a reset) run first, in virtual time too.
+        self._schedule(self.bh_delay_ns)
 
 
 _POLICIES: dict[TxMode, type[TxPolicy]] = {

@@ -243,15 +243,20 @@ class RxPath:
             self.ctx.drop("rx-too-short")
             return
         memory = self.memory
-        count = int.from_bytes(
-            memory.read(buffer.address + NUM_BUFFERS_OFFSET, 2), "little"
-        )
+        if length <= self.buffer_len:
+            # The buffer lies in guest memory the driver laid out, so one view
+            # gives num_buffers and, for the usual one-buffer frame, the frame.
+            posted = memory.view(buffer.address, length)
+            count = posted[NUM_BUFFERS_OFFSET] | posted[NUM_BUFFERS_OFFSET + 1] << 8
+            if count == 1:
+                self._deliver(bytes(posted[header_len:]))
+                return
+        else:
+            count = int.from_bytes(
+                memory.read(buffer.address + NUM_BUFFERS_OFFSET, 2), "little"
+            )
         if count == 0:
             self.ctx.drop("rx-bad-num-buffers")
-            return
-        if count == 1 and length <= self.buffer_len:
-            # The usual frame: one buffer, copied out in one read.
-            self._deliver(memory.read(buffer.address + header_len, length - header_len))
             return
         parts: list[bytes] | None = []
         if length > self.buffer_len:

@@ -5,6 +5,9 @@ vhost-user front-end such as QEMU or DPDK's net_virtio_user over a Unix
 socket. Modules: ``protocol`` (message codec), ``session`` (per-connection
 state), ``memory_table`` (mapped regions), ``vring`` (ring set-up state),
 ``fence`` (memory barrier) and ``server`` (socket and event loop).
+``net_adapter`` serves the virtio-net device, ``service`` runs it with a
+backend in one event loop, ``cli`` is the ``virtio-net-emu vhost-user``
+command and ``testpmd`` drives dpdk-testpmd for tests and benchmarks.
 
 Start-up sequences seen against this server (tests/vhost_user has both):
 
