@@ -261,7 +261,7 @@ class RxQueue:
         room = sum(chain.writable_len for chain in chains)
         while room < total:
             if len(chains) >= self.queue.size:
-                # Not even every buffer of the ring holds the frame. It is
+                # The frame does not fit all the ring's buffers together. It is
                 # dropped, and the chains taken for it go back to the driver
                 # unwritten (len 0) instead of staying in flight.
                 for chain in chains:

@@ -233,7 +233,7 @@ class TxQueue:
 
         Policy: a chain whose ring structure is valid but whose frame is not
         (wrong direction, too short, too long, bad offloads) is dropped and
-        completed with len 0 (DROP-CHAIN); only ring violations break the
+        completed with len 0 (DROP-CHAIN). Only ring violations break the
         device. The sizes come from the descriptor lengths, before any copy.
         """
         reason = None
