@@ -9,9 +9,11 @@ figure of merit; it is stable on a noisy machine where absolute rates are not.
 
 from __future__ import annotations
 
+import statistics
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 
 from virtio import DESCRIPTOR_SIZE, DeviceQueue, GuestMemory, RingLayout
 
@@ -113,47 +115,48 @@ def _rate(round_fn: Callable[[], int], seconds: float) -> float:
             return count / (now - start)
 
 
+def _bare_state(memory: GuestMemory, layout: RingLayout) -> dict:
+    return {
+        "table": memory.view(layout.desc, layout.desc_bytes),
+        "ram": memory.regions[0].view,
+        "used_elems": memory.u32_array(layout.used + 4, 2 * layout.size),
+        "used_head": memory.u16_array(layout.used, 2),
+        "avail_event": memory.u16_array(layout.avail_event_addr, 1),
+        "mask": layout.size - 1,
+        "last": 0,
+        "used": 0,
+    }
+
+
 def bench_ring(seconds: float = 2.0, queue_size: int = 256, repeats: int = 10) -> dict:
     """Measure chains per second for each shape, device queue against bare loop.
 
-    The two loops alternate ``repeats`` times and the best run of each counts,
-    so a burst of load from elsewhere on the machine hits both alike.
+    Each loop has a ring of its own, laid out alike. They alternate
+    ``repeats`` times for ``seconds / repeats`` each; the ratio reported is
+    the median of the ratios of the pairs, so a burst of load from elsewhere
+    on the machine shifts one pair, not the figure. The rates are medians too.
     """
     results = {}
     for name, per_chain in RING_SHAPES.items():
         memory, layout = _prepare(queue_size, per_chain)
-        avail = memory.u16_array(layout.avail, 3 + layout.size)
+        device_avail = memory.u16_array(layout.avail, 3 + layout.size)
         queue = DeviceQueue(memory, layout, index=1, event_idx=True)
-        bare = {
-            "table": memory.view(layout.desc, layout.desc_bytes),
-            "ram": memory.regions[0].view,
-            "used_elems": memory.u32_array(layout.used + 4, 2 * layout.size),
-            "used_head": memory.u16_array(layout.used, 2),
-            "avail_event": memory.u16_array(layout.avail_event_addr, 1),
-            "mask": layout.size - 1,
-            "last": 0,
-            "used": 0,
-        }
-        # Both loops share the ring, so each round starts where the other left.
-        device_best = bare_best = 0.0
+        bare_memory, bare_layout = _prepare(queue_size, per_chain)
+        bare_avail = bare_memory.u16_array(bare_layout.avail, 3 + bare_layout.size)
+        bare = _bare_state(bare_memory, bare_layout)
+        slice_s = seconds / repeats
+        pairs = []
         for _ in range(repeats):
-            queue.last_avail_idx = queue._shadow_avail_idx = avail[1]
-            queue.used_idx = queue._published_idx = bare["used"]
-            device_best = max(
-                device_best,
-                _rate(
-                    lambda: _device_round(queue, avail, queue_size), seconds / repeats
-                ),
+            device_rate = _rate(
+                partial(_device_round, queue, device_avail, queue_size), slice_s
             )
-            bare["last"] = avail[1]
-            bare["used"] = queue.used_idx
-            bare_best = max(
-                bare_best,
-                _rate(lambda: _bare_round(bare, avail, queue_size), seconds / repeats),
+            bare_rate = _rate(
+                partial(_bare_round, bare, bare_avail, queue_size), slice_s
             )
+            pairs.append((device_rate, bare_rate))
         results[name] = {
-            "chains_per_second": round(device_best),
-            "bare_chains_per_second": round(bare_best),
-            "ratio": round(device_best / bare_best, 3),
+            "chains_per_second": round(statistics.median(d for d, _ in pairs)),
+            "bare_chains_per_second": round(statistics.median(b for _, b in pairs)),
+            "ratio": round(statistics.median(d / b for d, b in pairs), 3),
         }
-    return {"queue_size": queue_size, "shapes": results}
+    return {"queue_size": queue_size, "repeats": repeats, "shapes": results}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -42,7 +43,9 @@ def _add_ring_options(
         type=int,
         default=256,
         metavar="N",
-        help="size of each virtqueue, a power of two up to 32768 (default: 256)",
+        help="size of each virtqueue, a power of two up to 32768 (default: 256);"
+        " the guest model needs at least 32, since it stops its queue below"
+        " 2 + MAX_SKB_FRAGS free descriptors",
     )
     parser.add_argument(
         "--no-event-idx",
@@ -274,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (``| head``): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

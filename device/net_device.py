@@ -29,6 +29,7 @@ from virtio import (
     StatusRegister,
     UsageError,
     VirtioFeature,
+    usable_features,
     validate_features,
 )
 
@@ -69,6 +70,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+CONTROL_BUDGET = 64
+"""Control requests handled per pass before the device yields."""
 RX_QUEUE = 0
 TX_QUEUE = 1
 CTRL_QUEUE = 2
@@ -217,6 +220,12 @@ class VirtioNetDevice:
             value, modern=modern, validate_features=self._validate_driver_features
         )
         if new & DeviceStatus.DRIVER_OK and not was_ok:
+            if not modern:
+                # A legacy driver skips FEATURES_OK, so nothing checked its
+                # choice: keep only what was offered and is consistent.
+                self.driver_features = usable_features(
+                    self.offered, self.driver_features, NET_DEPENDENCIES
+                )
             self._start()
         return new
 
@@ -400,6 +409,10 @@ class VirtioNetDevice:
         log.error("virtio-net device broken: %s (%s)", error, error.kind)
         if self.tx_policy is not None:
             self.tx_policy.cancel()
+        # Every queue stops now, not only the one that broke: a flush or a
+        # delivery under way on another queue must not go on consuming.
+        for queue in self.queues.values():
+            queue.mark_broken(error)
         modern = bool(self.driver_features & VirtioFeature.VERSION_1)
         if self.status.set_needs_reset() and modern and self.status.driver_ok:
             self._config_interrupt()
@@ -433,15 +446,22 @@ class VirtioNetDevice:
             self._process_control()
 
     def _process_control(self) -> None:
-        queue = self.queues[CTRL_QUEUE]
+        queue = self.queues.get(CTRL_QUEUE)
+        if queue is None or not self.running:
+            return
+        handled = 0
         try:
-            for chain in queue.chains():
+            for chain in queue.chains(CONTROL_BUDGET):
+                handled += 1
                 ack = VIRTIO_NET_ERR
                 # The request is copied, so its guest-chosen length is bounded
                 # first; a longer one gets ERR without being read.
                 if chain.writable and chain.readable_len <= MAX_CONTROL_REQUEST:
                     request = b"".join(bytes(view) for view in chain.readable)
                     ack = self.control.handle(request)
+                if not queue.ready:
+                    # The command reset or broke the device: touch nothing.
+                    return
                 written = 0
                 if chain.writable:
                     chain.writable[0][0] = ack
@@ -452,6 +472,13 @@ class VirtioNetDevice:
             return
         if queue.unpublished and queue.publish():
             self.interrupts.interrupt(CTRL_QUEUE)
+        if handled >= CONTROL_BUDGET:
+            # A driver that keeps refilling gets the rest on a later turn, so
+            # one kick cannot hold the device (the TX path yields the same way).
+            # Not 0: the other events due now (a frame, a reset) run first.
+            self.clock.call_later(
+                self.policy_options["bh_delay_ns"], self._process_control
+            )
 
     def backend_writable(self) -> None:
         """The backend can take frames again after reporting BUSY."""

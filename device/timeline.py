@@ -1069,7 +1069,13 @@ def command(args: Any) -> int:
     if modes and args.tx_mode is not None:
         raise UserError("use either --tx-mode or --compare, not both")
     output = args.output
-    if output.lower().endswith(".png"):
+    suffix = os.path.splitext(output)[1].lower()
+    if output != "-" and suffix not in (".svg", ".png"):
+        raise UserError(
+            f"cannot tell the picture format of {output!r}: name it .svg or .png,"
+            " or use - for text"
+        )
+    if suffix == ".png":
         _require_matplotlib(UserError)
     options = {"event_idx": False} if args.no_event_idx else {}
     try:
@@ -1134,6 +1140,7 @@ def _require_matplotlib(user_error: type[Exception]) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise user_error(
-            "PNG output needs matplotlib: pip install 'virtio-net-emu[plot]',"
-            " or write SVG (-o FILE.svg)"
+            "PNG output needs matplotlib: pip install matplotlib (or the"
+            " project's plot extra: pip install '.[plot]'), or write SVG"
+            " (-o FILE.svg)"
         ) from None

@@ -254,7 +254,7 @@ class ImmediatePolicy(TxPolicy):
         self.trace.record(Step.HANDLE_TX, detail="process_tx")
         # A kick from inside a drain (a backend that calls back) is not
         # served reentrantly: the drain re-reads the ring after re-enabling
-        # notifications, so it sees what the kick announced.
+        # notifications, so it finds what the kick announced.
         if self.waiting or self._draining:
             return
         self._disable_notification()

@@ -31,7 +31,7 @@ from .errors import (
     WriteBeforeRead,
 )
 from .event_index import distance16, need_event, wrap16
-from .features import VirtioFeature, validate_features
+from .features import VirtioFeature, usable_features, validate_features
 from .layout import (
     DESCRIPTOR_SIZE,
     MAX_QUEUE_SIZE,
@@ -83,6 +83,7 @@ __all__ = [
     "WriteBeforeRead",
     "distance16",
     "need_event",
+    "usable_features",
     "validate_features",
     "wrap16",
 ]

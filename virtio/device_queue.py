@@ -273,6 +273,16 @@ class DeviceQueue:
 
     # -- errors ---------------------------------------------------------------
 
+    def mark_broken(self, error: errors.DriverError) -> None:
+        """Stop the queue because the device broke elsewhere (another queue).
+
+        The queue behaves as if it had seen ``error`` itself: chains completed
+        before are published, then it consumes and writes nothing until
+        ``reset``. Does nothing on a queue that is already broken.
+        """
+        if self.broken is None and not self.detached:
+            self._fail(error)
+
     def _fail(self, error: errors.DriverError) -> errors.DriverError:
         """Mark the queue broken with ``error`` and return it for raising."""
         if error.queue is None:
@@ -372,6 +382,7 @@ class DeviceQueue:
             readable: list[memoryview] | tuple = _NO_BUFFERS
             writable: list[memoryview] | tuple = _NO_BUFFERS
             readable_len = writable_len = 0
+            seen_writable = False
             index = head
             count = 1
             while True:
@@ -381,13 +392,16 @@ class DeviceQueue:
                     chain = self._walk(head)
                     break
                 if flags & _WRITE:
+                    seen_writable = True
                     if length:
                         if writable_len:
                             writable.append(ram[offset : offset + length])
                         else:
                             writable = [ram[offset : offset + length]]
                         writable_len += length
-                elif writable_len:
+                elif seen_writable:
+                    # The flag decides, not the length: a zero-length
+                    # writable descriptor still ends the readable part.
                     raise self._order_error(head, index)
                 elif length:
                     if readable_len:
@@ -453,6 +467,7 @@ class DeviceQueue:
         writable: list[memoryview] = []
         readable_len = 0
         writable_len = 0
+        seen_writable = False
         base = self._ram_base
         end = self._ram_end
         ram = self._ram
@@ -469,13 +484,14 @@ class DeviceQueue:
                 in_table = True
                 continue
             if flags & _WRITE:
+                seen_writable = True
                 if length:
                     if base <= addr and addr + length <= end:
                         writable.append(ram[addr - base : addr - base + length])
                     else:
                         writable += self._translate(head, index, addr, length)
                     writable_len += length
-            elif writable:
+            elif seen_writable:
                 raise self._order_error(head, index)
             elif length:
                 if base <= addr and addr + length <= end:

@@ -13,7 +13,13 @@ from collections.abc import Mapping
 
 from .errors import FeatureError
 
-__all__ = ["VirtioFeature", "TRANSPORT_DEPENDENCIES", "validate_features", "bits"]
+__all__ = [
+    "VirtioFeature",
+    "TRANSPORT_DEPENDENCIES",
+    "validate_features",
+    "usable_features",
+    "bits",
+]
 
 
 class VirtioFeature(enum.IntFlag):
@@ -68,3 +74,30 @@ def validate_features(
             raise FeatureError(
                 accepted, f"bit {bits(feature)[0]} requires bits {wanted}"
             )
+
+
+def _satisfied(features: int, required: Requirement) -> bool:
+    choices = required if isinstance(required, tuple) else (required,)
+    return any(features & choice == choice for choice in choices)
+
+
+def usable_features(
+    offered: int,
+    accepted: int,
+    dependencies: Mapping[int, Requirement] = TRANSPORT_DEPENDENCIES,
+) -> int:
+    """Return the largest valid part of ``accepted``.
+
+    Bits that were not offered go, then every feature whose requirements are
+    missing, until the set is stable. A device uses this for a legacy
+    driver, which never writes FEATURES_OK and so cannot be refused (2.2.2).
+    """
+    features = accepted & offered
+    changed = True
+    while changed:
+        changed = False
+        for feature, required in dependencies.items():
+            if features & feature and not _satisfied(features, required):
+                features &= ~feature
+                changed = True
+    return features

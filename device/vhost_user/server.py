@@ -368,11 +368,13 @@ class VhostUserServer:
 
     def _on_kick(self, fd: int, index: int) -> None:
         try:
-            os.read(fd, 8)
+            # The eventfd counter adds up the frontend's writes since the last
+            # read: one wake-up may stand for many guest kicks.
+            writes = os.eventfd_read(fd)
         except BlockingIOError:
             return
         if self.session is not None:
-            self.session.kick(index)
+            self.session.kick(index, writes)
 
 
 def _close_all(fds: list[int]) -> None:

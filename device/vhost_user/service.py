@@ -175,6 +175,10 @@ class NetService:
             "received": rx.frames,
             "dropped": dict(sorted(dropped.items())),
             "kicks": tx.kicks + rx.kicks,
+            "kick_writes": {
+                "rx": self.server.counters[f"kick_writes_{RX_QUEUE}"],
+                "tx": self.server.counters[f"kick_writes_{TX_QUEUE}"],
+            },
             "kicks_suppressed": None,
             "interrupts": tx.interrupts + rx.interrupts,
             "interrupts_suppressed": tx.interrupts_suppressed

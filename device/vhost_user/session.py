@@ -181,12 +181,18 @@ class Session:
             return encode_reply(message.request, _ACK_FAILURE)
         return None
 
-    def kick(self, index: int) -> None:
-        """Pass a kick of ring ``index`` to the device."""
+    def kick(self, index: int, writes: int = 1) -> None:
+        """Pass a kick of ring ``index`` to the device.
+
+        ``writes`` is how many notifications the frontend wrote to the kick
+        eventfd since it was last read; they are counted per ring as
+        ``kick_writes_<index>``, the figure comparable to a VMM's kick count.
+        """
         ring = self.rings[index]
         if not ring.started or ring.broken:
             return
         self.counters["kicks"] += 1
+        self.counters[f"kick_writes_{index}"] += writes
         try:
             self.device.on_kick(index)
         except VirtioError as error:

@@ -5,8 +5,10 @@ Each configuration boots the guest ``--repeats`` times with the job
 that udpgen measured in the guest, the average ping RTT, the datagrams that
 reached the receiver and the boot time. For the built-in device it also
 records the TX kicks and TX interrupts per datagram inside the udp window,
-from QEMU's trace (see kick_trace.py). The summary of a configuration is the
-median over its runs.
+from QEMU's trace (see kick_trace.py), both inside the udp window and over
+the whole boot (``*_run`` fields). The summary of a configuration is the
+median over its runs. measure_vhost_user.py compares the built-in device
+with the project's vhost-user backend.
 
 Built-in device, TAP in a new namespace (default: tx=bh and tx=timer, each
 with event_idx on and off)::
@@ -128,8 +130,9 @@ def _run_record(
 def _kick_fields(run: GuestRun, sent: int) -> dict[str, Any]:
     """Return the kick and interrupt counts of the first udp window, or Nones."""
     names = ("tx_kicks", "tx_interrupts", "rx_interrupts")
+    run_names = ("tx_kicks_run", "tx_interrupts_run")
     if run.trace is None or not run.trace.windows:
-        fields: dict[str, Any] = dict.fromkeys(names)
+        fields: dict[str, Any] = dict.fromkeys(names + run_names)
         fields["tx_kicks_per_packet"] = None
         fields["tx_interrupts_per_packet"] = None
         return fields
@@ -137,12 +140,17 @@ def _kick_fields(run: GuestRun, sent: int) -> dict[str, Any]:
     window = run.trace.windows[0]
     tx = window.get(TX_QUEUE, QueueCounts())
     rx = window.get(RX_QUEUE, QueueCounts())
+    # Whole-boot TX counts, comparable with a vhost-user backend's statistics,
+    # which cover the whole connection.
+    tx_run = run.trace.total.get(TX_QUEUE, QueueCounts())
     return {
         "tx_kicks": tx.kicks,
         "tx_interrupts": tx.interrupts,
         "rx_interrupts": rx.interrupts,
         "tx_kicks_per_packet": _per_packet(tx.kicks, sent),
         "tx_interrupts_per_packet": _per_packet(tx.interrupts, sent),
+        "tx_kicks_run": tx_run.kicks,
+        "tx_interrupts_run": tx_run.interrupts,
     }
 
 
@@ -198,7 +206,11 @@ def measure_configuration(
     rcvbuf_errors = None
     if received is not None and network.namespace is not None:
         rcvbuf_errors = udp_counters(network.namespace)["RcvbufErrors"]
-    return _run_record(run, received, tap_rx, rcvbuf_errors)
+    record = _run_record(run, received, tap_rx, rcvbuf_errors)
+    record["distinct_datagrams"] = (
+        receiver.distinct_datagrams if receiver is not None else None
+    )
+    return record
 
 
 def _builtin_configurations(

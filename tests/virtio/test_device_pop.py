@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from ring_builder import DATA_BASE, INDIRECT, NEXT, WRITE, RawRing, bytes_view
 
-from virtio import Chain, Descriptor, GuestMemory, MemoryRegion, RingLayout
+from virtio import (
+    Chain,
+    Descriptor,
+    GuestMemory,
+    MemoryRegion,
+    RingLayout,
+    WriteBeforeRead,
+)
 
 
 def test_pop_single_readable_descriptor() -> None:
@@ -128,18 +135,18 @@ def test_pop_chain_of_only_zero_length_descriptors() -> None:
     assert chain.readable_len == chain.writable_len == 0
 
 
-def test_zero_length_writable_does_not_start_write_part() -> None:
+def test_zero_length_writable_starts_write_part() -> None:
     ring = RawRing(4)
-    # A zero-length writable descriptor contributes no buffer, so the
-    # readable descriptor after it is not "readable after writable".
+    # The WRITE flag decides the order (2.7.4.2), not the length: a readable
+    # descriptor after a zero-length writable one is readable after writable.
     ring.desc(0, DATA_BASE, 0, NEXT | WRITE, 1)
     ring.desc(1, DATA_BASE, 4)
     ring.post(0)
 
-    chain = ring.device.pop()
+    with pytest.raises(WriteBeforeRead):
+        ring.device.pop()
 
-    assert ring.device.broken is None
-    assert chain.readable_len == 4
+    assert isinstance(ring.device.broken, WriteBeforeRead)
 
 
 def test_pop_zero_length_inside_indirect_table() -> None:
