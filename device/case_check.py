@@ -106,6 +106,7 @@ def walk_chain(
     in_table = False
     writable: list[Range] = []
     total = writable_len = 0
+    seen_writable = False
     while True:
         count += 1
         if count > limit:
@@ -128,10 +129,12 @@ def walk_chain(
         if length and not memory.contains(addr, length):
             return f"descriptor {index} outside memory"
         if flags & _WRITE:
+            seen_writable = True
             if length:
                 writable.append((addr, addr + length))
             writable_len += length
-        elif writable_len or writable:
+        elif seen_writable:
+            # The flag decides, not the length, as in the device.
             return f"readable descriptor {index} after a writable one"
         total += length
         if total > MAX_CHAIN_BYTES:

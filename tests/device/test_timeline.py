@@ -134,7 +134,7 @@ def test_png_without_matplotlib(
     path = tmp_path / "figure.png"
     assert main(["timeline", "-o", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'virtio-net-emu[plot]'" in err
+    assert "pip install matplotlib" in err
     assert not path.exists()
 
 
