@@ -216,7 +216,7 @@ class TimerPolicy(TxPolicy):
         self._schedule(self.tx_timeout_ns)
 
 
-class LegacyTimerPolicy(TxPolicy):
+class LegacyTimerPolicy(TimerPolicy):
     mode = TxMode.TIMER_LEGACY
 
     def on_kick(self) -> None:
@@ -226,10 +226,7 @@ class LegacyTimerPolicy(TxPolicy):
             self.cancel()
             self.tx.flush(self.tx_burst)
             return
-        self.stats.timer_arms += 1
-        self.trace.record(Step.SCHEDULE_FLUSH, detail="qemu_mod_timer")
-        self._disable_notification()
-        self._schedule(self.tx_timeout_ns)
+        self._arm()
 
     def run(self) -> None:
         self.stats.timer_fires += 1
