@@ -155,9 +155,12 @@ class QueueState:
     last_avail: int
     used: int
     published: int
+    outstanding: int = 0
+    """Chains consumed and not yet completed, by count."""
     overrun: bool = False
-    """The driver overran the ring (see ``_account_consumed``); heads are
-    no longer matched one to one for this queue."""
+    """Heads are no longer matched one to one for this queue: the driver
+    overran the ring (see ``_account_consumed``), or a used element lies
+    under another queue's used ring or a writable buffer."""
     before: int = 0
     """``published`` at the start of the current step."""
     in_flight: dict[int, list[WalkedChain]] = field(default_factory=dict)
@@ -210,18 +213,26 @@ class InvariantChecker(CaseObserver):
         started = not self._driver_ok and run.device.status.driver_ok
         self._running = self._running or started
         self._track_new_queues(run)
-        allowed: list[Range] = []
-        buffers: list[Range] = []
-        for key, state in self.states.items():
-            allowed += self._check_queue(run, state, key, where)
-            for chains in state.in_flight.values():
-                buffers += [r for chain in chains for r in chain.writable]
-        rings = {key: _used_ring(state.queue) for key, state in self.states.items()}
-        for key, state in self.states.items():
-            if state.queue.detached:
-                continue
-            # Another queue's used ring on top of this one is also written by
-            # the device, like a writable buffer there.
+        live = {
+            key: state for key, state in self.states.items() if not state.queue.detached
+        }
+        for state in live.values():
+            self._account_consumed(state, f"{where} queue {state.index}")
+        buffers = [
+            writable
+            for state in live.values()
+            for chains in state.in_flight.values()
+            for chain in chains
+            for writable in chain.writable
+        ]
+        rings = {key: _used_ring(state.queue) for key, state in live.items()}
+        allowed = list(buffers)
+        for key, state in live.items():
+            # Another queue's used ring on top of this one is written by the
+            # device too, like a writable buffer there.
+            others = [ring for other, ring in rings.items() if other != key]
+            allowed += self._check_queue(run, state, key, buffers + others, where)
+        for key, state in live.items():
             others = [ring for other, ring in rings.items() if other != key]
             covering = buffers + self._completed + others
             self._check_used_fields(run, state, covering, where)
@@ -254,21 +265,22 @@ class InvariantChecker(CaseObserver):
             )
 
     def _check_queue(
-        self, run: CaseRun, state: QueueState, key: int, where: str
+        self,
+        run: CaseRun,
+        state: QueueState,
+        key: int,
+        covering: list[Range],
+        where: str,
     ) -> list[Range]:
-        """Check one queue's consumption and used ring; return what it may write."""
+        """Check one queue's used ring; return the ring fields it may write.
+
+        ``covering`` are the ranges something else may also write. A queue
+        detached by a reset in this step is not checked: it may have given
+        chains back (unpop) on its way out, and it may write nothing more.
+        """
         queue = state.queue
         where = f"{where} queue {state.index}"
-        if queue.detached:
-            # Reset in this step: the queue may have given chains back
-            # (unpop) on its way out, and from now on it may write nothing.
-            return []
-
-        self._account_consumed(state, where)
-        allowed = [
-            r for chains in state.in_flight.values() for c in chains for r in c.writable
-        ]
-        allowed += self._account_used(run, state, where)
+        allowed = self._account_used(run, state, covering, where)
         started = key not in self._known_before
         if started or key in self._ready_before or queue.ready:
             allowed += _device_fields(queue)
@@ -306,14 +318,30 @@ class InvariantChecker(CaseObserver):
             slot = (state.last_avail + offset) & (queue.size - 1)
             self._consume(state, slot, where)
         state.last_avail = queue.last_avail_idx
+        state.outstanding += consumed
 
-    def _account_used(self, run: CaseRun, state: QueueState, where: str) -> list[Range]:
-        """Match the used elements of this step; return the slots written."""
+    def _account_used(
+        self, run: CaseRun, state: QueueState, covering: list[Range], where: str
+    ) -> list[Range]:
+        """Match the used elements of this step; return the slots written.
+
+        An element under ``covering`` may have been overwritten after the
+        device wrote it, so it cannot be matched: from then on the queue's
+        heads are not matched one to one (``overrun``).
+        """
         queue = state.queue
         layout = queue.layout
         written = (queue.used_idx - state.used) & 0xFFFF
         published = (queue.used_idx - queue.unpublished) & 0xFFFF
         fresh = (published - state.published) & 0xFFFF
+        if written > state.outstanding:
+            # Counted without matching heads, so this holds on an overrun too.
+            self._fail(
+                where,
+                f"{written} used elements written for {state.outstanding} chains"
+                " consumed and not completed",
+            )
+        state.outstanding = max(0, state.outstanding - written)
         if written > 2 * queue.size or fresh > 2 * queue.size:
             self._fail(where, f"{written} used elements written in one step")
             written = fresh = 0
@@ -331,7 +359,11 @@ class InvariantChecker(CaseObserver):
             slots.append((address, address + 8))
         for offset in range(fresh):
             slot = (state.published + offset) & (queue.size - 1)
-            chain = self._complete(run, state, layout.used_elem_addr(slot), where)
+            address = layout.used_elem_addr(slot)
+            if _overlaps(covering, address, 8):
+                state.overrun = True
+                continue
+            chain = self._complete(run, state, address, where)
             if chain is not None:
                 self._completed += chain.writable
 
