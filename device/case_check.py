@@ -207,6 +207,7 @@ class InvariantChecker(CaseObserver):
         if step[0] == "writes":
             self.driver_writes += [(gpa, gpa + len(data)) for gpa, data in step[1]]
             return
+
         where = f"step {self.step_number} ({step[0]})"
         # The device may work in the step that sets DRIVER_OK: it looks at
         # restored rings at once, and may break doing so.
@@ -218,6 +219,7 @@ class InvariantChecker(CaseObserver):
         }
         for state in live.values():
             self._account_consumed(state, f"{where} queue {state.index}")
+
         buffers = [
             writable
             for state in live.values()
@@ -236,11 +238,13 @@ class InvariantChecker(CaseObserver):
             others = [ring for other, ring in rings.items() if other != key]
             covering = buffers + self._completed + others
             self._check_used_fields(run, state, covering, where)
+
         if not self._running:
             allowed = []
         self._check_guards(run, where)
         self._check_changes(run, allowed, where)
         self._check_notifications(run, where)
+
         # A reset detached these queues for good; newer ones share their rings.
         for key in [key for key, state in self.states.items() if state.queue.detached]:
             del self.states[key]
