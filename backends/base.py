@@ -36,7 +36,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 
 class SendStatus(enum.Enum):
-    """What a backend did with one frame."""
+    """Outcome of one ``Backend.send`` call."""
 
     SENT = "sent"
     BUSY = "busy"

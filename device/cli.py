@@ -22,7 +22,7 @@ EXIT_USAGE = 2
 
 
 class UserError(Exception):
-    """A failure the user can fix; its message says what failed and what to do."""
+    """A failure the user can fix. The message states what failed and what to do."""
 
 
 def _add_ring_options(

@@ -84,7 +84,7 @@ class Clock:
 
 
 class VirtualClock(Clock):
-    """A clock that moves only when told to."""
+    """A clock that moves only when ``advance`` or ``run_until`` moves it."""
 
     def __init__(self, start_ns: int = 0) -> None:
         super().__init__()

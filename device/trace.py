@@ -227,7 +227,7 @@ class Trace:
             listener(entry)
 
     def steps(self) -> list[int]:
-        """The step numbers recorded, in order."""
+        """Return the step numbers recorded, in order."""
         return [int(record.step) for record in self.records]
 
     def __iter__(self) -> Iterator[TraceRecord]:

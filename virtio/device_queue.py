@@ -850,11 +850,11 @@ class DeviceQueue:
     # -- inspection -----------------------------------------------------------
 
     def avail_idx(self) -> int:
-        """The driver's avail.idx as it is in guest memory now."""
+        """Return the driver's avail.idx as it is in guest memory now."""
         return self._avail[1] if self.ready else self.last_avail_idx
 
     def used_event(self) -> int:
-        """The driver's used_event field."""
+        """Return the driver's used_event field."""
         return self._avail[2 + self.size] if self.ready else 0
 
     def avail_flags(self) -> int:
@@ -864,7 +864,7 @@ class DeviceQueue:
         return self._used_head[0] if self.ready else 0
 
     def avail_event(self) -> int:
-        """The device's avail_event field."""
+        """Return the device's avail_event field."""
         return self._avail_event[0] if self.ready else 0
 
     def __repr__(self) -> str:
