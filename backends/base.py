@@ -16,6 +16,18 @@ Frames arriving from the network come out of ``receive`` as ``(header,
 frame)``: a virtio_net_hdr of ``header_size`` bytes (zeros when the backend
 has none) and the Ethernet frame, or None when nothing is waiting.
 
+A backend that can take a run of frames in one call, and never calls back
+into the device while doing it, also defines ``send_burst(frames)``: each
+frame is one buffer holding the header and the frame, and it returns
+``(sent, status)``. The first ``sent`` frames were taken; when ``sent`` is
+less than ``len(frames)``, ``status`` is what ``send`` would have returned for
+``frames[sent]`` (BUSY: not taken, offer it again; DROPPED: counted in
+``drops`` and done with) and the frames after it were not looked at. The
+device sends the TX frames of one-descriptor chains this way, one call per
+run instead of one per frame. Backends without it have ``send_burst = None``
+and get ``send_gather`` per frame, with the device checking between frames
+whether a callback reset or broke it.
+
 Every backend counts frames and bytes (frame bytes only, without the header)
 in ``frames_sent``, ``bytes_sent``, ``frames_received`` and
 ``bytes_received``, and the ``send`` calls that returned ``BUSY`` in
@@ -27,10 +39,10 @@ from __future__ import annotations
 import abc
 import collections
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Self, Union
 
-__all__ = ["Backend", "SendStatus", "Buffer", "split_header"]
+__all__ = ["Backend", "SendStatus", "Buffer", "split_header", "send_each"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -55,6 +67,10 @@ class Backend(abc.ABC):
     #: the peer. Otherwise the device completes checksums itself and does not
     #: offer segmentation offloads.
     takes_offloads: bool = False
+
+    #: ``send_burst(frames) -> (sent, status)`` when the backend has it; see
+    #: the module docstring.
+    send_burst: Callable[[Sequence[Buffer]], tuple[int, SendStatus]] | None = None
 
     def __init__(self) -> None:
         self.drops: collections.Counter[str] = collections.Counter()
@@ -150,3 +166,19 @@ def split_header(
             " header"
         )
     return bytes(header), frame
+
+
+def send_each(
+    send_gather: Callable[[Sequence[Buffer]], SendStatus], frames: Sequence[Buffer]
+) -> tuple[int, SendStatus]:
+    """Send ``frames`` one ``send_gather`` call each, as ``send_burst`` would.
+
+    Stops at the first frame that is not SENT and returns ``(sent, status)``
+    with the meaning the module docstring gives. A backend's ``send_burst``
+    uses it for the frames its own loop does not handle.
+    """
+    for sent, frame in enumerate(frames):
+        status = send_gather((frame,))
+        if status is not SendStatus.SENT:
+            return sent, status
+    return len(frames), SendStatus.SENT

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-from .base import Backend, Buffer, SendStatus
+from .base import Backend, Buffer, SendStatus, send_each
 
 __all__ = ["LoopbackBackend", "NullBackend"]
 
@@ -185,6 +185,21 @@ class NullBackend(LoopbackBackend):
         self.frames_sent += 1
         self.bytes_sent += size
         return SendStatus.SENT
+
+    def send_burst(self, frames: Sequence[Buffer]) -> tuple[int, SendStatus]:
+        """Count a run of frames, each one buffer of header and frame.
+
+        Returns ``(sent, status)`` as described in ``backends.base``. Runs
+        with pending faults or a frame no longer than the header go frame by
+        frame through ``send_gather``.
+        """
+        count = len(frames)
+        header_size = self.header_size
+        if self._faults or not count or min(map(len, frames)) <= header_size:
+            return send_each(self.send_gather, frames)
+        self.frames_sent += count
+        self.bytes_sent += sum(map(len, frames)) - count * header_size
+        return count, SendStatus.SENT
 
     def send_gather(self, buffers: Sequence[Buffer]) -> SendStatus:
         """Count one frame given as header and frame bytes in a row.

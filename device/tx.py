@@ -100,6 +100,17 @@ class TxQueue:
         # Only a negotiated CSUM makes NEEDS_CSUM meaningful; without it the
         # flag is an unnegotiated bit and is ignored (5.1.6.2.1).
         self.software_checksum = software_checksum and bool(features & NetFeature.CSUM)
+        # A frame of at most mtu + 14 bytes cannot exceed the MTU, tagged or
+        # not, so the fast paths skip exceeds_mtu for it (5.1.4.2).
+        max_plain = max_frame if mtu is None else min(max_frame, mtu + _ETHERNET_HEADER)
+        self.plain_limit = header_len + max_plain
+        # NEEDS_CSUM alone (Linux sets it on every TCP and UDP frame) also
+        # takes the fast paths when the backend completes checksums itself:
+        # the only check it needs is that the checksum lies in the frame.
+        self.csum_passes = not self.software_checksum and bool(
+            features & NetFeature.CSUM
+        )
+        self.send_burst = backend.send_burst
         self.pending: Chain | None = None
         self.pending_frame: tuple[bytes | memoryview, list[memoryview]] | None = None
         # Called when the backend returns BUSY, so an event loop can wait for
@@ -116,36 +127,137 @@ class TxQueue:
         if self.pending is not None:
             self.queue.disable_notification()
             return FlushResult.BUSY
-        stats = self.stats
-        stats.flushes += 1
+        self.stats.flushes += 1
         self.trace.record(Step.TX_FLUSH)
+        done = 0
+        try:
+            # Runs of one-descriptor chains go to the backend in bursts; the
+            # general path takes whatever ends a run and hands back after the
+            # next chain of one buffer, which likely starts a new run.
+            while done < burst:
+                if self.send_burst is not None:
+                    count = self._flush_run(burst - done)
+                    if count is FlushResult.BUSY:
+                        return count
+                    done += count
+                    if done == burst:
+                        break
+                count = self._flush_chains(burst - done)
+                if count is FlushResult.BUSY:
+                    return count
+                if not count:
+                    break
+                done += count
+        except DriverError as error:
+            self.on_break(error)
+            return FlushResult.BROKEN
+        self._publish()
+        return done
+
+    def _flush_run(self, limit: int) -> int | FlushResult:
+        """Transmit the run of one-descriptor chains at the front of the ring.
+
+        ``pop_single`` takes the run, so every chain is one buffer holding
+        the header and a frame of plausible size. Frames whose header asks
+        for nothing the backend cannot do go out together through
+        ``send_burst``; any other goes alone through ``_transmit``, in ring
+        order. Returns the count completed, or BUSY.
+        """
+        queue = self.queue
+        header_len = self.header_len
+        heads, buffers = queue.pop_single(limit, header_len + 1, self.plain_limit)
+        csum_passes = self.csum_passes
+        start = 0
+        for index, buffer in enumerate(buffers):
+            # The test of the general path's fast lane, on one buffer.
+            if not buffer[1] and (
+                not buffer[0]
+                or buffer[0] == 1
+                and csum_passes
+                and (buffer[6] | buffer[7] << 8) + (buffer[8] | buffer[9] << 8)
+                < len(buffer) - header_len - 1
+            ):
+                continue
+            busy = self._send_run(heads, buffers, start, index)
+            if busy < 0:
+                chain = Chain(heads[index], [buffer], [], len(buffer), 0)
+                if self._transmit(chain):
+                    queue.add_used(chain.head, 0)
+                    start = index + 1
+                    continue
+                busy = index
+            return self._hold(heads, buffers, busy)
+        busy = self._send_run(heads, buffers, start, len(heads))
+        if busy < 0:
+            return len(heads)
+        return self._hold(heads, buffers, busy)
+
+    def _send_run(
+        self, heads: list[int], buffers: list[memoryview], start: int, end: int
+    ) -> int:
+        """Send frames ``start`` to ``end`` in bursts and complete their chains.
+
+        A frame the backend drops is completed too, as in ``_transmit``.
+        Returns -1 when every chain was completed, else the index of the
+        frame the backend was too busy to take; its chain stays in flight.
+        """
+        stats = self.stats
+        header_len = self.header_len
+        while start < end:
+            frames = buffers[start:end]
+            sent, status = self.send_burst(frames)
+            if sent:
+                stats.frames += sent
+                stats.bytes += sum(map(len, frames[:sent])) - sent * header_len
+            stop = start + sent
+            if status is _SENT:
+                self.queue.add_used_many(heads[start:end])
+                return -1
+            if status is SendStatus.BUSY:
+                self.queue.add_used_many(heads[start:stop])
+                self._finish_send(split_frame([buffers[stop]], header_len), status)
+                return stop
+            self._finish_send(None, status)
+            self.queue.add_used_many(heads[start : stop + 1])
+            start = stop + 1
+        return -1
+
+    def _hold(
+        self, heads: list[int], buffers: list[memoryview], index: int
+    ) -> FlushResult:
+        """Keep chain ``index`` of a run pending and give back the ones after it."""
+        self.queue.unpop(len(heads) - index - 1)
+        buffer = buffers[index]
+        self._wait_for_backend(Chain(heads[index], [buffer], [], len(buffer), 0))
+        return FlushResult.BUSY
+
+    def _flush_chains(self, limit: int) -> int | FlushResult:
+        """Transmit up to ``limit`` chains of any shape, one at a time.
+
+        With ``send_burst`` it stops after a chain of one readable buffer, so
+        that ``flush`` can try a run again.
+        """
         done = 0
         queue = self.queue
         add_used = queue.add_used
         send_gather = self.backend.send_gather
         header_len = self.header_len
-        # A frame of at most mtu + 14 bytes cannot exceed the MTU, tagged or
-        # not, so the fast path skips exceeds_mtu for it (5.1.4.2).
-        max_plain = self.max_frame
-        if self.mtu is not None:
-            max_plain = min(max_plain, self.mtu + _ETHERNET_HEADER)
-        plain_limit = header_len + max_plain
-        # NEEDS_CSUM alone (Linux sets it on every TCP and UDP frame) also
-        # takes the fast path when the backend completes checksums itself:
-        # the only check it needs is that the checksum lies in the frame.
-        csum_passes = not self.software_checksum and bool(
-            self.features & NetFeature.CSUM
-        )
+        plain_limit = self.plain_limit
+        csum_passes = self.csum_passes
+        hand_back = self.send_burst is not None
         sent = sent_bytes = 0
         try:
-            for chain in queue.chains(burst):
+            for chain in queue.chains(limit):
                 total = chain.readable_len
-                # The fast path is _extract's result for the usual chain: a
+                readable = chain.readable
+                done += 1
+                # The fast lane is _extract's result for the usual chain: a
                 # frame that is neither empty nor too large, with no offload
-                # requested (header flags and gso_type 0). The backend gets
-                # the chain's buffers as they are, header included.
+                # requested (header flags and gso_type 0), or NEEDS_CSUM alone
+                # with the checksum inside the frame when the backend
+                # completes checksums. The backend gets the chain's buffers as
+                # they are, header included.
                 if header_len < total <= plain_limit and not chain.writable_len:
-                    readable = chain.readable
                     first = readable[0]
                     if (
                         len(first) >= 10
@@ -162,28 +274,24 @@ class TxQueue:
                         if status is _SENT:
                             sent += 1
                             sent_bytes += total - header_len
-                            add_used(chain.head, 0)
-                            done += 1
-                            continue
-                        frame = split_frame(readable, header_len)
-                        if not self._finish_send(frame, status):
+                        elif not self._finish_send(
+                            split_frame(readable, header_len), status
+                        ):
                             self._wait_for_backend(chain)
                             return FlushResult.BUSY
                         add_used(chain.head, 0)
-                        done += 1
+                        if hand_back and len(readable) == 1:
+                            break
                         continue
                 if not self._transmit(chain):
                     self._wait_for_backend(chain)
                     return FlushResult.BUSY
                 add_used(chain.head, 0)
-                done += 1
-        except DriverError as error:
-            self.on_break(error)
-            return FlushResult.BROKEN
+                if hand_back and len(readable) == 1:
+                    break
         finally:
-            stats.frames += sent
-            stats.bytes += sent_bytes
-        self._publish()
+            self.stats.frames += sent
+            self.stats.bytes += sent_bytes
         return done
 
     def _wait_for_backend(self, chain: Chain) -> None:
@@ -234,7 +342,9 @@ class TxQueue:
         return self._finish_send(frame, status)
 
     def _finish_send(
-        self, frame: tuple[bytes | memoryview, list[memoryview]], status: SendStatus
+        self,
+        frame: tuple[bytes | memoryview, list[memoryview]] | None,
+        status: SendStatus,
     ) -> bool:
         """Handle a send that returned BUSY or DROPPED. False means BUSY."""
         if status is SendStatus.BUSY:

@@ -433,6 +433,58 @@ class DeviceQueue:
                 self._avail_event[0] = last
             yield chain
 
+    def pop_single(
+        self, limit: int, min_len: int, max_len: int
+    ) -> tuple[list[int], list[memoryview]]:
+        """Pop the leading run of chains that are one readable buffer each.
+
+        A chain belongs to the run when it is a single direct descriptor with
+        neither NEXT nor WRITE set, ``min_len`` to ``max_len`` bytes long,
+        inside the memory region that ``chains`` slices directly. That is how
+        Linux and DPDK post a small TX frame with its header pushed in front.
+        Returns the heads and the buffers, at most ``limit`` of each.
+
+        The run ends at the first other chain, which stays available, and
+        this method raises nothing once it has popped a chain: a malformed
+        head or descriptor ends the run too, and ``chains`` then reports it.
+        So the two together consume and validate exactly as ``chains``
+        alone. It raises like ``available`` before the first pop.
+        """
+        heads: list[int] = []
+        buffers: list[memoryview] = []
+        last = self.last_avail_idx
+        if last == self._shadow_avail_idx and not self.available():
+            return heads, buffers
+        limit = min(limit, (self._shadow_avail_idx - last) & U16_MASK)
+        size = self.size
+        mask = self._mask
+        avail_ring = self._avail_ring
+        in_flight = self._in_flight
+        slot_heads = self._slot_heads
+        avail_event = self._avail_event if self._advance_avail_event else None
+        table, base, span, ram = self._fast_path
+        while limit:
+            limit -= 1
+            slot = last & mask
+            head = avail_ring[slot]
+            if head >= size or in_flight[head]:
+                break
+            addr, length, flags, _ = _unpack_desc(table, head << 4)
+            offset = addr - base
+            if flags or not min_len <= length <= max_len:
+                break
+            if offset < 0 or offset + length > span:
+                break
+            heads.append(head)
+            buffers.append(ram[offset : offset + length])
+            in_flight[head] = 1
+            slot_heads[slot] = head
+            last = (last + 1) & U16_MASK
+            if avail_event is not None:
+                avail_event[0] = last
+        self.last_avail_idx = last
+        return heads, buffers
+
     def _head_error(self, slot: int, head: int) -> errors.DriverError:
         if head >= self.size:
             error: errors.DriverError = errors.HeadOutOfRange(
@@ -734,6 +786,42 @@ class DeviceQueue:
         elems[slot] = head
         in_flight[head] = 0
         self.used_idx = (used + 1) & U16_MASK
+
+    def add_used_many(self, heads: list[int], length: int = 0) -> None:
+        """Write a used element for each of ``heads``, in order, all of ``length``.
+
+        The same as calling ``add_used`` for each head, in one call: a TX
+        burst completes every chain with length 0. Raises ``UsageError`` at
+        the first head that is not in flight, after adding the ones before it.
+        """
+        if self.broken is not None or self.detached:
+            return
+        if not isinstance(length, int) or not 0 <= length <= 0xFFFF_FFFF:
+            raise errors.UsageError(
+                f"queue {self.index}: used length {length!r} is not a 32-bit"
+                " unsigned integer"
+            )
+        in_flight = self._in_flight
+        elems = self._used_elems
+        mask = self._mask
+        used = self.used_idx
+        try:
+            for head in heads:
+                # A head beyond the table raises IndexError by itself; one
+                # that is not in flight takes the same way out.
+                if not in_flight[head]:
+                    raise IndexError
+                slot = (used & mask) << 1
+                elems[slot] = head
+                elems[slot + 1] = length
+                in_flight[head] = 0
+                used = (used + 1) & U16_MASK
+        except IndexError:
+            raise errors.UsageError(
+                f"queue {self.index}: head {head} is not in flight"
+            ) from None
+        finally:
+            self.used_idx = used
 
     @property
     def unpublished(self) -> int:

@@ -6,11 +6,14 @@ import pytest
 from ring_builder import DATA_BASE, INDIRECT, NEXT, WRITE, RawRing, bytes_view
 
 from virtio import (
+    AvailIndexJump,
     Chain,
     Descriptor,
     GuestMemory,
+    HeadOutOfRange,
     MemoryRegion,
     RingLayout,
+    TooManyInFlight,
     WriteBeforeRead,
 )
 
@@ -326,3 +329,101 @@ def test_full_ring_pops_every_head(size: int) -> None:
     assert heads == list(reversed(range(size)))
     assert ring.device.inuse == size
     assert ring.device.available() == 0
+
+
+# -- pop_single: the run of one-descriptor readable chains -------------------------
+
+
+def test_pop_single_takes_run_of_single_buffers() -> None:
+    ring = RawRing(8, event_idx=True)
+    for head, text in ((3, b"abc"), (1, b"defg")):
+        ring.memory.write(DATA_BASE + 0x100 * head, text)
+        ring.desc(head, DATA_BASE + 0x100 * head, len(text))
+    ring.post(3, 1)
+
+    heads, buffers = ring.device.pop_single(8, 1, 64)
+
+    assert heads == [3, 1]
+    assert [bytes(buffer) for buffer in buffers] == [b"abc", b"defg"]
+    assert ring.device.last_avail_idx == 2
+    assert ring.avail_event == 2
+    assert sorted(ring.device.in_flight_heads()) == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["next", "writable", "indirect", "too-short", "too-long", "second-region"],
+)
+def test_pop_single_stops_at_other_chain(shape: str) -> None:
+    memory = GuestMemory(
+        [MemoryRegion(0, bytearray(0x8000)), MemoryRegion(0x8000, bytearray(0x1000))]
+    )
+    ring = RawRing(8, memory=memory, indirect=True)
+    ring.post_simple(0)
+    if shape == "next":
+        ring.desc(1, DATA_BASE + 0x100, 16, NEXT, 2)
+        ring.desc(2, DATA_BASE + 0x200, 16)
+    elif shape == "writable":
+        ring.desc(1, DATA_BASE + 0x100, 16, WRITE)
+    elif shape == "indirect":
+        length = ring.table(DATA_BASE + 0x800, [(DATA_BASE + 0x100, 16, 0, 0)])
+        ring.desc(1, DATA_BASE + 0x800, length, INDIRECT)
+    elif shape == "second-region":
+        ring.desc(1, 0x8100, 16)  # legal, but not in the region sliced directly
+    else:
+        ring.desc(1, DATA_BASE + 0x100, 4 if shape == "too-short" else 100)
+    ring.post(1)
+    ring.post_simple(3)
+
+    heads, _ = ring.device.pop_single(8, 8, 64)
+
+    assert heads == [0]
+    assert ring.device.available() == 2
+    # The general path takes the chain that ended the run.
+    chain = ring.device.pop()
+    assert chain is not None and chain.head == 1
+
+
+@pytest.mark.parametrize("bad_head", [8, 0])
+def test_pop_single_leaves_bad_head_to_chains(bad_head: int) -> None:
+    ring = RawRing(8)
+    ring.post_simple(0)
+    ring.post(bad_head)  # out of range, or head 0 a second time while in flight
+
+    heads, _ = ring.device.pop_single(8, 1, 64)
+
+    assert heads == [0]
+    assert ring.device.broken is None
+    with pytest.raises((HeadOutOfRange, TooManyInFlight)):
+        ring.device.pop()
+    assert ring.device.broken is not None
+
+
+def test_pop_single_respects_limit_and_empty_ring() -> None:
+    ring = RawRing(8)
+    assert ring.device.pop_single(4, 1, 64) == ([], [])
+    for head in range(3):
+        ring.post_simple(head)
+
+    assert ring.device.pop_single(2, 1, 64)[0] == [0, 1]
+    assert ring.device.pop_single(4, 1, 64)[0] == [2]
+
+
+def test_pop_single_raises_index_jump_before_popping() -> None:
+    ring = RawRing(4)
+    ring.set_avail_idx(9)
+
+    with pytest.raises(AvailIndexJump):
+        ring.device.pop_single(4, 1, 64)
+
+    assert ring.device.last_avail_idx == 0
+
+
+def test_pop_single_on_broken_queue_pops_nothing() -> None:
+    ring = RawRing(4)
+    ring.post(7)
+    with pytest.raises(HeadOutOfRange):
+        ring.device.pop()
+    ring.post_simple(0)
+
+    assert ring.device.pop_single(4, 1, 64) == ([], [])

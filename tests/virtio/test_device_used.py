@@ -73,6 +73,49 @@ def test_add_used_length_out_of_range_raises(length: int) -> None:
     assert ring.device.in_flight_heads() == [0]
 
 
+def test_add_used_many_completes_in_order() -> None:
+    ring = RawRing(4)
+    for head in (2, 0, 3):
+        ring.post_simple(head)
+    heads, _ = ring.device.pop_single(4, 1, 64)
+
+    ring.device.add_used_many([3, 2], 7)
+    ring.device.add_used_many([0])
+
+    assert [ring.used_elem(i) for i in range(3)] == [(3, 7), (2, 7), (0, 0)]
+    assert ring.device.used_idx == 3
+    assert ring.used_idx == 0  # not visible until publish
+    assert ring.device.inuse == 0
+
+
+@pytest.mark.parametrize("bad", [1, 9, -1, 1 << 40])
+def test_add_used_many_stops_at_head_not_in_flight(bad: int) -> None:
+    ring = RawRing(4)
+    for head in (0, 2):
+        ring.post_simple(head)
+    list(ring.device.chains())
+
+    with pytest.raises(UsageError, match=f"head {bad} is not in flight"):
+        ring.device.add_used_many([0, bad, 2])
+
+    # The head before the bad one was added, the one after it was not.
+    assert ring.device.used_idx == 1
+    assert ring.used_elem(0) == (0, 0)
+    assert ring.device.in_flight_heads() == [2]
+
+
+@pytest.mark.parametrize("length", [1 << 32, -1, 1.5])
+def test_add_used_many_length_out_of_range_raises(length: int) -> None:
+    ring = RawRing(4)
+    ring.post_simple(0)
+    ring.device.pop()
+
+    with pytest.raises(UsageError, match="not a 32-bit unsigned integer"):
+        ring.device.add_used_many([0], length)
+
+    assert ring.device.in_flight_heads() == [0]
+
+
 # -- publish batching -------------------------------------------------------------------
 
 

@@ -48,11 +48,18 @@ class Buffer:
     """One add_buf request as the model remembers it."""
 
     def __init__(
-        self, token: int, head: int, descriptors: int, out_len: int, in_len: int
+        self,
+        token: int,
+        head: int,
+        descriptors: int,
+        buffers: int,
+        out_len: int,
+        in_len: int,
     ):
         self.token = token
         self.head = head
         self.descriptors = descriptors
+        self.buffers = buffers
         self.out_len = out_len
         self.in_len = in_len
 
@@ -170,6 +177,7 @@ class RingMachine(RuleBasedStateMachine):
             token,
             head,
             used_descriptors,
+            total,
             sum(length for _, length in out),
             sum(length for _, length in in_),
         )
@@ -246,13 +254,26 @@ class RingMachine(RuleBasedStateMachine):
     # -- device rules ------------------------------------------------------------------
 
     def take(self, chain) -> None:
-        assert chain.head not in self.popped, f"head {chain.head} popped twice"
-        buffer = self.by_head[chain.head]
+        self.take_head(chain.head, chain.readable_len, chain.writable_len)
+
+    def take_head(self, head: int, readable_len: int, writable_len: int) -> None:
+        assert head not in self.popped, f"head {head} popped twice"
+        buffer = self.by_head[head]
         assert buffer.token not in self.completed
-        assert chain.readable_len == buffer.out_len
-        assert chain.writable_len == buffer.in_len
-        self.popped.append(chain.head)
-        self.pop_history.append(chain.head)
+        assert readable_len == buffer.out_len
+        assert writable_len == buffer.in_len
+        self.popped.append(head)
+        self.pop_history.append(head)
+
+    def is_single(self, buffer: Buffer, min_len: int, max_len: int) -> bool:
+        """Whether ``pop_single`` with these bounds takes the buffer's chain."""
+        # One buffer in one descriptor is direct: the driver model, like
+        # Linux, uses an indirect table only for two buffers or more.
+        return (
+            buffer.buffers == buffer.descriptors == 1
+            and buffer.in_len == 0
+            and min_len <= buffer.out_len <= max_len
+        )
 
     @rule(limit=st.integers(min_value=1, max_value=4))
     def pop(self, limit: int) -> None:
@@ -271,6 +292,39 @@ class RingMachine(RuleBasedStateMachine):
         self.note_wrap(before, self.device.last_avail_idx, "last_avail_idx")
         if self.event_idx and self.device.notification_enabled:
             assert self.device.avail_event() == self.device.last_avail_idx
+
+    @rule(
+        limit=st.integers(min_value=1, max_value=4),
+        min_len=st.sampled_from([1, 8, 9]),
+        max_len=st.sampled_from([8, 64]),
+    )
+    def pop_single(self, limit: int, min_len: int, max_len: int) -> None:
+        self.device_sleeping = False
+        heads, buffers = self.device.pop_single(limit, min_len, max_len)
+        assert len(heads) == len(buffers) <= limit
+        for head, buffer in zip(heads, buffers, strict=True):
+            assert self.is_single(self.by_head[head], min_len, max_len)
+            self.take_head(head, len(buffer), 0)
+        # The run ends at the limit, at an empty ring or at another chain.
+        last = self.device.last_avail_idx
+        if len(heads) < limit and last != self.avail_idx:
+            slot = self.layout.avail_ring_addr(last & (self.size - 1))
+            following = self.by_head[u16(self.memory, slot)]
+            assert not self.is_single(following, min_len, max_len)
+            event("pop_single stopped at another chain")
+        if heads and self.event_idx and self.device.notification_enabled:
+            assert self.device.avail_event() == last
+
+    @rule(data=st.data())
+    def add_used_many(self, data) -> None:
+        candidates = [head for head in self.popped if not self.by_head[head].in_len]
+        if not candidates:
+            return
+        heads = data.draw(st.permutations(candidates))[: data.draw(st.integers(1, 3))]
+        self.device.add_used_many(heads)
+        for head in heads:
+            self.popped.remove(head)
+            self.completed.add(self.by_head[head].token)
 
     @rule(data=st.data())
     def add_used(self, data) -> None:
