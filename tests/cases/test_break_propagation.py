@@ -150,7 +150,9 @@ def test_busy_chain_never_completes_after_reset() -> None:
 
 def test_legacy_driver_keeps_only_valid_features() -> None:
     run = start(
-        ["VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_NET_F_HOST_TSO4"], {"1": queue(4)}, status=7
+        ["VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_NET_F_HOST_TSO4"],
+        {"1": queue(4)},
+        status=7,
     )
 
     negotiated = run.device.negotiated
