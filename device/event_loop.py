@@ -57,6 +57,7 @@ class EventLoop:
         self.stopped = False
         self._origin = time.monotonic_ns() - clock.now_ns()
         self._watchers: dict[tuple[int, int], Callable[[], None]] = {}
+        self._pollers: list[tuple[Callable[[], bool], Callable[[], bool]]] = []
 
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._origin
@@ -66,6 +67,15 @@ class EventLoop:
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
         self._watch(fd, selectors.EVENT_WRITE, callback)
+
+    def add_poller(self, poll: Callable[[], bool], end: Callable[[], bool]) -> None:
+        """Call ``poll`` on every turn that does not sleep, ``end`` before a sleep.
+
+        Both return whether they found work, which counts as activity for
+        ``poll_ns`` (and keeps the loop from sleeping after ``end``). This is
+        how a device polls its rings instead of waiting for kicks.
+        """
+        self._pollers.append((poll, end))
 
     def remove_writer(self, fd: int) -> None:
         self._unwatch(fd, selectors.EVENT_WRITE)
@@ -116,6 +126,9 @@ class EventLoop:
             timeout = self._timeout(now, deadline)
             if now - active_ns < self.poll_ns:
                 timeout = 0.0
+            if self._pollers and self._run_pollers(sleeping=timeout != 0.0):
+                active_ns = now
+                timeout = 0.0
             ready = self.selector.select(timeout)
             if ready:
                 active_ns = self.now_ns()
@@ -123,6 +136,13 @@ class EventLoop:
                 self._dispatch(key.fd, events)
             if self._sync_clock():
                 active_ns = self.now_ns()
+
+    def _run_pollers(self, sleeping: bool) -> bool:
+        found = False
+        for poll, end in self._pollers:
+            if end() if sleeping else poll():
+                found = True
+        return found
 
     def _timeout(self, now: int, deadline: int | None) -> float:
         wake = self.clock.next_deadline()

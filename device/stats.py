@@ -65,6 +65,7 @@ class QueueStats:
     timer_arms: int = 0
     timer_fires: int = 0
     bh_runs: int = 0
+    ring_polls: int = 0
     flushes: int = 0
     queue_stops: int = 0
     queue_wakes: int = 0

@@ -79,6 +79,7 @@ class TxPolicy:
         tx_timeout_ns: int = DEFAULT_TX_TIMEOUT_NS,
         tx_burst: int = DEFAULT_TX_BURST,
         bh_delay_ns: int = DEFAULT_BH_DELAY_NS,
+        ring_polling: bool = False,
     ) -> None:
         self.tx = tx
         self.clock = clock
@@ -87,7 +88,11 @@ class TxPolicy:
         self.tx_timeout_ns = tx_timeout_ns
         self.tx_burst = tx_burst
         self.bh_delay_ns = bh_delay_ns
+        self.ring_polling = ring_polling
         self.waiting = False
+        # Parked: the ring was drained and notifications stay off while an
+        # event loop polls the ring (ring_polling); see poll and poll_end.
+        self.parked = False
         self._timer: Timer | None = None
 
     @property
@@ -118,6 +123,40 @@ class TxPolicy:
             self._timer.cancel()
         self._timer = None
         self.waiting = False
+        self.parked = False
+
+    def poll(self) -> bool:
+        """Look at the ring while parked; schedule a flush if the driver added chains.
+
+        An event loop that polls calls this on each turn. Chains found here
+        are handled as after a kick, but the driver made no kick: with
+        notifications off it had no reason to. Returns whether there were
+        chains.
+        """
+        if not self.parked:
+            return False
+        queue = self.tx.queue
+        if queue.avail_idx() == queue.last_avail_idx:
+            return False
+        self.stats.ring_polls += 1
+        self._reschedule()
+        return True
+
+    def poll_end(self) -> bool:
+        """Turn notifications back on before the event loop sleeps.
+
+        Re-reads the ring after a full barrier, as at the end of a flush
+        (2.7.10.2): chains that slipped in are scheduled instead of waiting
+        for a kick the driver will not make. Returns whether there were any.
+        """
+        if not self.parked:
+            return False
+        self.parked = False
+        if not self._enable_notification():
+            return False
+        self._disable_notification()
+        self._reschedule()
+        return True
 
     # -- helpers shared by the policies ---------------------------------------
 
@@ -125,6 +164,7 @@ class TxPolicy:
         if self._timer is not None:
             self._timer.cancel()
         self.waiting = True
+        self.parked = False
         self._timer = self.clock.call_later(delay_ns, self._run)
 
     def _run(self) -> None:
@@ -157,11 +197,21 @@ class TxPolicy:
         if result >= self.tx_burst:
             self._reschedule()
             return
+        if self.ring_polling:
+            self._park()
+            return
         self._enable_notification()
         result = self.tx.flush(self.tx_burst)
         if isinstance(result, int) and result > 0:
             self._disable_notification()
             self._reschedule()
+
+    def _park(self) -> None:
+        """Leave notifications off after draining the ring, for an event loop
+        that polls it (vhost-net's busy polling does the same); ``poll_end``
+        turns them on when the loop is about to sleep. A driver that adds
+        chains meanwhile makes no kick, which is the point."""
+        self.parked = True
 
     def _reschedule(self) -> None:
         """Schedule the next run after a full burst or a late arrival."""
@@ -272,6 +322,9 @@ class ImmediatePolicy(TxPolicy):
                 return
             if result >= self.tx_burst:
                 self._reschedule()
+                return
+            if self.ring_polling:
+                self._park()
                 return
             if not self._enable_notification():
                 return
