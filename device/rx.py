@@ -129,12 +129,29 @@ class RxQueue:
         counted as "queue-stopped" drops.
         """
         if self._partial:
-            if self.queue.broken is None:
-                self.queue.unpop(len(self._partial))
+            if self.queue.ready:
+                self._give_back(self._partial)
             self._partial = []
         if self.held:
             self.stats.drop("queue-stopped", len(self.held))
             self.held.clear()
+
+    def _give_back(self, chains: list[Chain]) -> None:
+        """Return gathered chains to the driver unwritten.
+
+        They go back to the avail ring when they are the last chains popped.
+        A chain completed between them (one with no writable buffer) makes
+        that impossible, and the driver may set this ring up again from
+        ``last_avail_idx``, so they are completed with length 0 instead, as
+        a frame too large for the ring's buffers is.
+        """
+        queue = self.queue
+        recent = queue.recent_pops(len(chains))
+        if recent == [chain.head for chain in chains]:
+            queue.unpop(len(chains))
+            return
+        queue.add_used_many([chain.head for chain in chains])
+        self._publish()
 
     # -- header ---------------------------------------------------------------
 

@@ -712,6 +712,21 @@ class DeviceQueue:
 
     rewind = unpop
 
+    def recent_pops(self, count: int) -> list[int]:
+        """Return the heads of the last ``count`` pops, oldest first.
+
+        Only the heads still in flight, in a row from the most recent pop
+        back, are listed: ``unpop`` can give back exactly these.
+        """
+        heads: list[int] = []
+        for back in range(1, min(count, self.inuse) + 1):
+            head = self._slot_heads[(self.last_avail_idx - back) & self._mask]
+            if not self._in_flight[head]:
+                break
+            heads.append(head)
+        heads.reverse()
+        return heads
+
     def peek(self, count: int) -> Iterator[tuple[int, list[Descriptor]]]:
         """Yield up to ``count`` available chains as descriptor lists, unconsumed.
 

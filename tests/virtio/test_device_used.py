@@ -234,6 +234,19 @@ def test_unpop_ignores_rewritten_avail_slot() -> None:
     ring.device.add_used(first.head, 0)  # must not raise: head 0 is in flight
 
 
+def test_recent_pops_lists_in_flight_run_back_from_last_pop() -> None:
+    ring = RawRing(8)
+    for head in (4, 1, 6):
+        ring.post_simple(head)
+    list(ring.device.chains())
+
+    assert ring.device.recent_pops(2) == [1, 6]
+    assert ring.device.recent_pops(9) == [4, 1, 6]
+    ring.device.add_used(1, 0)
+    # The run back from the last pop ends at the completed chain.
+    assert ring.device.recent_pops(3) == [6]
+
+
 def test_unpop_of_completed_chain_raises() -> None:
     ring = RawRing(4)
     ring.post_simple(0)
