@@ -100,22 +100,34 @@ class TxQueue:
         # Only a negotiated CSUM makes NEEDS_CSUM meaningful; without it the
         # flag is an unnegotiated bit and is ignored (5.1.6.2.1).
         self.software_checksum = software_checksum and bool(features & NetFeature.CSUM)
-        # A frame of at most mtu + 14 bytes cannot exceed the MTU, tagged or
-        # not, so the fast paths skip exceeds_mtu for it (5.1.4.2).
-        max_plain = max_frame if mtu is None else min(max_frame, mtu + _ETHERNET_HEADER)
-        self.plain_limit = header_len + max_plain
-        # NEEDS_CSUM alone (Linux sets it on every TCP and UDP frame) also
-        # takes the fast paths when the backend completes checksums itself:
-        # the only check it needs is that the checksum lies in the frame.
-        self.csum_passes = not self.software_checksum and bool(
-            features & NetFeature.CSUM
-        )
         self.send_burst = backend.send_burst
         self.pending: Chain | None = None
         self.pending_frame: tuple[bytes | memoryview, list[memoryview]] | None = None
         # Called when the backend returns BUSY, so an event loop can wait for
         # the backend to become writable and then call ``resume``.
         self.on_busy = on_busy or _ignore
+
+    @property
+    def plain_limit(self) -> int:
+        """Longest chain, header included, that the fast paths send unchecked.
+
+        A frame of at most mtu + 14 bytes cannot exceed the MTU, tagged or
+        not, so they skip exceeds_mtu for it (5.1.4.2).
+        """
+        max_plain = self.max_frame
+        if self.mtu is not None:
+            max_plain = min(max_plain, self.mtu + _ETHERNET_HEADER)
+        return self.header_len + max_plain
+
+    @property
+    def csum_passes(self) -> bool:
+        """Whether NEEDS_CSUM alone may take the fast paths.
+
+        Linux sets it on every TCP and UDP frame. When the backend completes
+        checksums itself, the only check it needs is that the checksum lies
+        in the frame.
+        """
+        return not self.software_checksum and bool(self.features & NetFeature.CSUM)
 
     def flush(self, burst: int) -> int | FlushResult:
         """Transmit up to ``burst`` chains; return how many were completed.
