@@ -213,6 +213,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     vhost.add_argument("--tx-mode", choices=TX_MODES, default="bh")
     vhost.add_argument(
+        "--ring-poll-us",
+        type=float,
+        default=None,
+        metavar="US",
+        help="after the TX ring drains, keep notifications off and poll it for"
+        " this long, so a transmitting front-end need not kick; 0 turns it off"
+        " (default: 2000)",
+    )
+    vhost.add_argument(
         "--duration",
         type=float,
         metavar="SECONDS",

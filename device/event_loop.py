@@ -11,6 +11,7 @@ module of ``device`` that imports ``selectors`` or reads the system time.
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import time
 from collections.abc import Callable
@@ -57,7 +58,6 @@ class EventLoop:
         self.stopped = False
         self._origin = time.monotonic_ns() - clock.now_ns()
         self._watchers: dict[tuple[int, int], Callable[[], None]] = {}
-        self._pollers: list[tuple[Callable[[], bool], Callable[[], bool]]] = []
 
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._origin
@@ -67,15 +67,6 @@ class EventLoop:
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
         self._watch(fd, selectors.EVENT_WRITE, callback)
-
-    def add_poller(self, poll: Callable[[], bool], end: Callable[[], bool]) -> None:
-        """Call ``poll`` on every turn that does not sleep, ``end`` before a sleep.
-
-        Both return whether they found work, which counts as activity for
-        ``poll_ns`` (and keeps the loop from sleeping after ``end``). This is
-        how a device polls its rings instead of waiting for kicks.
-        """
-        self._pollers.append((poll, end))
 
     def remove_writer(self, fd: int) -> None:
         self._unwatch(fd, selectors.EVENT_WRITE)
@@ -113,36 +104,31 @@ class EventLoop:
         return self.clock.run_due()
 
     def run(self, duration_s: float | None = None) -> None:
-        """Run until ``stop`` is called or ``duration_s`` seconds passed."""
+        """Run until ``stop`` is called or ``duration_s`` seconds passed.
+
+        Only events on descriptors count as activity for ``poll_ns``: a
+        timer that finds nothing to do (a parked TX queue looking at its
+        ring) must not keep the loop spinning.
+        """
         deadline = None if duration_s is None else self.now_ns() + int(duration_s * 1e9)
         active_ns = self.now_ns()
         while not self.stopped:
-            ran = self._sync_clock()
+            self._sync_clock()
             now = self.now_ns()
             if deadline is not None and now >= deadline:
                 return
-            if ran:
-                active_ns = now
             timeout = self._timeout(now, deadline)
             if now - active_ns < self.poll_ns:
                 timeout = 0.0
-            if self._pollers and self._run_pollers(sleeping=timeout != 0.0):
-                active_ns = now
+            elif 0.0 < timeout < _EPOLL_RESOLUTION_S:
+                self._wait_precisely(timeout)
                 timeout = 0.0
             ready = self.selector.select(timeout)
             if ready:
                 active_ns = self.now_ns()
             for key, events in ready:
                 self._dispatch(key.fd, events)
-            if self._sync_clock():
-                active_ns = self.now_ns()
-
-    def _run_pollers(self, sleeping: bool) -> bool:
-        found = False
-        for poll, end in self._pollers:
-            if end() if sleeping else poll():
-                found = True
-        return found
+            self._sync_clock()
 
     def _timeout(self, now: int, deadline: int | None) -> float:
         wake = self.clock.next_deadline()
@@ -150,12 +136,25 @@ class EventLoop:
         if not candidates:
             return 0.5
         delay_ns = min(candidates) - now
-        # epoll waits in whole milliseconds and rounds a shorter timeout up,
-        # which would run a bottom half due in 1 us a millisecond late. The
-        # loop polls for timers due sooner than that.
-        if delay_ns < 1_000_000:
+        # A sleep of a few microseconds lasts the kernel's timer slack (50 us
+        # by default) at least, so a bottom half due that soon is polled for.
+        if delay_ns < _SHORTEST_SLEEP_NS:
             return 0.0
         return delay_ns / 1e9
+
+    def _wait_precisely(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds, less than a millisecond, for an event.
+
+        epoll waits in whole milliseconds and rounds a shorter timeout up,
+        which would run a TX timer of 150 us a millisecond late. select(2)
+        takes microseconds, and the epoll descriptor is readable when one
+        of its descriptors is ready.
+        """
+        try:
+            select.select([self.selector.fileno()], [], [], timeout)
+        except ValueError:
+            # A descriptor number beyond FD_SETSIZE: poll instead.
+            pass
 
     def _dispatch(self, fd: int, events: int) -> None:
         for event in (selectors.EVENT_READ, selectors.EVENT_WRITE):
@@ -166,6 +165,10 @@ class EventLoop:
 
     def close(self) -> None:
         self.selector.close()
+
+
+_EPOLL_RESOLUTION_S = 0.001
+_SHORTEST_SLEEP_NS = 50_000
 
 
 def attach_backend(

@@ -110,7 +110,7 @@ class VirtioNetDevice:
         tx_burst: int = DEFAULT_TX_BURST,
         bh_delay_ns: int = DEFAULT_BH_DELAY_NS,
         hold_limit: int = DEFAULT_HOLD_LIMIT,
-        ring_polling: bool = False,
+        ring_poll_ns: int = 0,
     ) -> None:
         if offered is None:
             offered = DEFAULT_OFFER
@@ -131,7 +131,7 @@ class VirtioNetDevice:
             "tx_timeout_ns": tx_timeout_ns,
             "tx_burst": tx_burst,
             "bh_delay_ns": bh_delay_ns,
-            "ring_polling": ring_polling,
+            "ring_poll_ns": ring_poll_ns,
         }
         TxMode(tx_mode)  # raises ValueError naming an unknown mode
         self.hold_limit = hold_limit
@@ -481,21 +481,6 @@ class VirtioNetDevice:
             self.clock.call_later(
                 self.policy_options["bh_delay_ns"], self._process_control
             )
-
-    def poll_rings(self) -> bool:
-        """Poll the TX ring for chains added without a kick; see ``TxPolicy.poll``.
-
-        For an event loop that polls (``ring_polling=True``); returns whether
-        it found chains.
-        """
-        return self.running and self.tx_policy is not None and self.tx_policy.poll()
-
-    def end_polling(self) -> bool:
-        """Turn TX notifications back on before the event loop sleeps.
-
-        Returns whether chains had slipped in, so that the loop goes on.
-        """
-        return self.running and self.tx_policy is not None and self.tx_policy.poll_end()
 
     def backend_writable(self) -> None:
         """The backend can take frames again after reporting BUSY."""

@@ -46,12 +46,19 @@ __all__ = [
     "DEFAULT_TX_TIMEOUT_NS",
     "DEFAULT_TX_BURST",
     "DEFAULT_BH_DELAY_NS",
+    "DEFAULT_RING_POLL_INTERVAL_NS",
 ]
 
 DEFAULT_TX_TIMEOUT_NS = 150_000
 """QEMU's default tx_timeout: 150 microseconds."""
 DEFAULT_TX_BURST = 256
 """QEMU's default tx_burst."""
+DEFAULT_RING_POLL_INTERVAL_NS = 100_000
+"""How often a parked policy looks at the ring (see ``TxPolicy._park``)."""
+FIRST_CHECK_NS = 10_000
+"""The first look at the ring of a queue parked after a flush of ``FAST_RUN``
+chains or more."""
+FAST_RUN = 32
 DEFAULT_BH_DELAY_NS = 1_000
 """Virtual time from scheduling a bottom half to its run. An estimate of the
 main loop's latency; QEMU runs a bottom half as soon as its thread is free."""
@@ -79,7 +86,8 @@ class TxPolicy:
         tx_timeout_ns: int = DEFAULT_TX_TIMEOUT_NS,
         tx_burst: int = DEFAULT_TX_BURST,
         bh_delay_ns: int = DEFAULT_BH_DELAY_NS,
-        ring_polling: bool = False,
+        ring_poll_ns: int = 0,
+        ring_poll_interval_ns: int = DEFAULT_RING_POLL_INTERVAL_NS,
     ) -> None:
         self.tx = tx
         self.clock = clock
@@ -88,12 +96,16 @@ class TxPolicy:
         self.tx_timeout_ns = tx_timeout_ns
         self.tx_burst = tx_burst
         self.bh_delay_ns = bh_delay_ns
-        self.ring_polling = ring_polling
+        self.ring_poll_ns = ring_poll_ns
+        self.ring_poll_interval_ns = ring_poll_interval_ns
         self.waiting = False
-        # Parked: the ring was drained and notifications stay off while an
-        # event loop polls the ring (ring_polling); see poll and poll_end.
+        # Parked: the ring was drained and notifications stay off while the
+        # policy looks at the ring itself (ring_poll_ns); see _park.
         self.parked = False
+        self._parked_ns = 0
+        self._check_delay = ring_poll_interval_ns
         self._timer: Timer | None = None
+        self._ring_check: Timer | None = None
 
     @property
     def timer_armed(self) -> bool:
@@ -123,40 +135,7 @@ class TxPolicy:
             self._timer.cancel()
         self._timer = None
         self.waiting = False
-        self.parked = False
-
-    def poll(self) -> bool:
-        """Look at the ring while parked; schedule a flush if the driver added chains.
-
-        An event loop that polls calls this on each turn. Chains found here
-        are handled as after a kick, but the driver made no kick: with
-        notifications off it had no reason to. Returns whether there were
-        chains.
-        """
-        if not self.parked:
-            return False
-        queue = self.tx.queue
-        if queue.avail_idx() == queue.last_avail_idx:
-            return False
-        self.stats.ring_polls += 1
-        self._reschedule()
-        return True
-
-    def poll_end(self) -> bool:
-        """Turn notifications back on before the event loop sleeps.
-
-        Re-reads the ring after a full barrier, as at the end of a flush
-        (2.7.10.2): chains that slipped in are scheduled instead of waiting
-        for a kick the driver will not make. Returns whether there were any.
-        """
-        if not self.parked:
-            return False
-        self.parked = False
-        if not self._enable_notification():
-            return False
-        self._disable_notification()
-        self._reschedule()
-        return True
+        self._unpark()
 
     # -- helpers shared by the policies ---------------------------------------
 
@@ -164,7 +143,7 @@ class TxPolicy:
         if self._timer is not None:
             self._timer.cancel()
         self.waiting = True
-        self.parked = False
+        self._unpark()
         self._timer = self.clock.call_later(delay_ns, self._run)
 
     def _run(self) -> None:
@@ -197,8 +176,8 @@ class TxPolicy:
         if result >= self.tx_burst:
             self._reschedule()
             return
-        if self.ring_polling:
-            self._park()
+        if self.ring_poll_ns:
+            self._park(result)
             return
         self._enable_notification()
         result = self.tx.flush(self.tx_burst)
@@ -206,12 +185,57 @@ class TxPolicy:
             self._disable_notification()
             self._reschedule()
 
-    def _park(self) -> None:
-        """Leave notifications off after draining the ring, for an event loop
-        that polls it (vhost-net's busy polling does the same); ``poll_end``
-        turns them on when the loop is about to sleep. A driver that adds
-        chains meanwhile makes no kick, which is the point."""
+    def _park(self, completed: int) -> None:
+        """Keep notifications off after draining the ring, and poll it instead.
+
+        A vhost-user front-end kicks through an eventfd, and the device
+        sees the kick only when its thread wakes. Without EVENT_IDX the
+        driver kicks for every chain it adds until then, because nothing
+        told it to stop. Parked, the device looks at avail.idx on a timer
+        and runs a flush when chains came; after ``ring_poll_ns`` without
+        any, it turns notifications back on and re-reads the ring
+        (2.7.10.2). vhost-net's busy polling keeps notifications off the
+        same way.
+
+        The first look comes soon after a flush of ``FAST_RUN`` chains or
+        more, from a driver that fills the ring faster than a sleep lasts,
+        and the wait doubles up to ``_check_interval`` while the ring stays
+        empty.
+        """
         self.parked = True
+        self._parked_ns = self.clock.now_ns()
+        interval = self._check_interval()
+        self._check_delay = FIRST_CHECK_NS if completed >= FAST_RUN else interval
+        self._ring_check = self.clock.call_later(self._check_delay, self._check_ring)
+
+    def _check_ring(self) -> None:
+        self._ring_check = None
+        queue = self.tx.queue
+        if queue.avail_idx() != queue.last_avail_idx:
+            self.stats.ring_polls += 1
+            self.parked = False
+            self.run()
+            return
+        if self.clock.now_ns() - self._parked_ns < self.ring_poll_ns:
+            self._check_delay = min(2 * self._check_delay, self._check_interval())
+            self._ring_check = self.clock.call_later(
+                self._check_delay, self._check_ring
+            )
+            return
+        self.parked = False
+        if self._enable_notification():
+            self._disable_notification()
+            self._reschedule()
+
+    def _check_interval(self) -> int:
+        """Longest wait between two looks at the ring of a parked queue."""
+        return self.ring_poll_interval_ns
+
+    def _unpark(self) -> None:
+        self.parked = False
+        if self._ring_check is not None:
+            self._ring_check.cancel()
+            self._ring_check = None
 
     def _reschedule(self) -> None:
         """Schedule the next run after a full burst or a late arrival."""
@@ -264,6 +288,11 @@ class TimerPolicy(TxPolicy):
     def _reschedule(self) -> None:
         self.stats.timer_arms += 1
         self._schedule(self.tx_timeout_ns)
+
+    def _check_interval(self) -> int:
+        # Parked, the ring is looked at as often as the timer would fire for
+        # a driver that keeps kicking: every tx_timeout.
+        return self.tx_timeout_ns
 
 
 class LegacyTimerPolicy(TimerPolicy):
@@ -323,8 +352,8 @@ class ImmediatePolicy(TxPolicy):
             if result >= self.tx_burst:
                 self._reschedule()
                 return
-            if self.ring_polling:
-                self._park()
+            if self.ring_poll_ns:
+                self._park(result)
                 return
             if not self._enable_notification():
                 return

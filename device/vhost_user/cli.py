@@ -34,7 +34,7 @@ from backends.loopback import NullBackend
 from backends.netns import enter_namespace
 
 from ..cli import UserError, print_json
-from .service import EchoBackend, NetService
+from .service import DEFAULT_RING_POLL_NS, EchoBackend, NetService
 
 __all__ = ["command", "open_backend", "check_socket_path"]
 
@@ -45,13 +45,22 @@ def command(args: argparse.Namespace) -> int:
     """Run the back-end until it is stopped and return the exit code."""
     if args.duration is not None and args.duration <= 0:
         raise UserError(f"invalid --duration {args.duration}: expected seconds > 0")
+    ring_poll_us = getattr(args, "ring_poll_us", None)
+    if ring_poll_us is None:
+        ring_poll_ns = DEFAULT_RING_POLL_NS
+    elif ring_poll_us < 0:
+        raise UserError(
+            f"invalid --ring-poll-us {ring_poll_us}: expected microseconds >= 0"
+        )
+    else:
+        ring_poll_ns = round(ring_poll_us * 1000)
     check_socket_path(args.socket)
     backend = open_backend(
         args.to, netns=args.netns, host_address=getattr(args, "host_address", None)
     )
     with _SignalStop() as signals:
         try:
-            service = _start_service(args.socket, backend, args.tx_mode)
+            service = _start_service(args.socket, backend, args.tx_mode, ring_poll_ns)
         except BaseException:
             backend.close()
             raise
@@ -150,9 +159,11 @@ def _interface_exists(name: str, netns: str | None) -> bool:
     return True
 
 
-def _start_service(path: str, backend: Backend, tx_mode: str) -> NetService:
+def _start_service(
+    path: str, backend: Backend, tx_mode: str, ring_poll_ns: int
+) -> NetService:
     try:
-        return NetService(path, backend, tx_mode=tx_mode)
+        return NetService(path, backend, tx_mode=tx_mode, ring_poll_ns=ring_poll_ns)
     except PermissionError as error:
         raise UserError(
             f"no permission to create socket {path}: {error.strerror}; choose a"

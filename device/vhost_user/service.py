@@ -31,7 +31,7 @@ from ..net_device import RX_QUEUE, TX_QUEUE, VirtioNetDevice
 from .net_adapter import NetDeviceAdapter
 from .server import VhostUserServer
 
-__all__ = ["DEFAULT_POLL_NS", "EchoBackend", "NetService"]
+__all__ = ["DEFAULT_POLL_NS", "DEFAULT_RING_POLL_NS", "EchoBackend", "NetService"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 #: microseconds, and after the traffic stops the loop spends at most this
 #: much CPU time before it sleeps.
 DEFAULT_POLL_NS = 50_000
+
+#: Nanoseconds the TX queue polls its ring with notifications off after it
+#: drained it. Each time notifications go back on, a driver without
+#: EVENT_IDX kicks for every frame it adds until the back-end's thread
+#: wakes, so this spans the gaps of a guest that transmits in bursts.
+DEFAULT_RING_POLL_NS = 2_000_000
 
 
 class EchoBackend(LoopbackBackend):
@@ -88,9 +94,10 @@ class NetService:
 
     The service owns the backend and closes it in ``close``. ``fence`` goes
     to the server (the default is libatomic's full barrier). ``poll_ns`` is
-    the event loop's polling time (``EventLoop``); while the loop polls, the
-    TX ring is polled too, with notifications off, so a front-end that
-    keeps transmitting needs no kicks. Raises what
+    the event loop's polling time (``EventLoop``), and ``ring_poll_ns`` how
+    long the TX queue keeps notifications off and polls the ring after it
+    drained it (``TxPolicy``), so that a front-end that keeps transmitting
+    needs no kicks; 0 turns that off. Raises what
     ``VhostUserServer`` raises for the socket path, and ``OSError`` when the
     fence library cannot be loaded.
     """
@@ -103,6 +110,7 @@ class NetService:
         tx_mode: str = "bh",
         fence: Callable[[], None] | None = None,
         poll_ns: int = DEFAULT_POLL_NS,
+        ring_poll_ns: int = DEFAULT_RING_POLL_NS,
     ) -> None:
         self.backend = backend
         self.clock = MonotonicClock()
@@ -113,7 +121,7 @@ class NetService:
             interrupts=self.interrupts,
             clock=self.clock,
             tx_mode=tx_mode,
-            ring_polling=poll_ns > 0,
+            ring_poll_ns=ring_poll_ns,
         )
         self.adapter = NetDeviceAdapter(self.device)
         try:
@@ -122,7 +130,6 @@ class NetService:
             self.loop.close()
             raise
         self.loop.add_reader(self.server.fileno(), self._poll_server)
-        self.loop.add_poller(self.device.poll_rings, self.device.end_polling)
         self._want_writable = attach_backend(
             self.loop, backend, self._on_frame, self.device.backend_writable
         )

@@ -1,10 +1,10 @@
-"""Ring polling: notifications stay off while an event loop polls the TX ring.
+"""Ring polling: a drained TX queue keeps notifications off and polls its ring.
 
-A TX policy with ``ring_polling`` parks after it drained the ring instead of
-turning notifications back on. ``poll`` then finds chains the driver added
-without a kick, and ``poll_end``, called before the loop sleeps, turns
-notifications on and re-reads the ring (2.7.10.2), so no chain waits for a
-kick that will not come. ``EventLoop.add_poller`` calls the two.
+A TX policy with ``ring_poll_ns`` parks after it drained the ring instead of
+turning notifications back on: every ``ring_poll_interval_ns`` it looks at
+avail.idx and handles new chains as after a kick, and after ``ring_poll_ns``
+without any it turns notifications on and re-reads the ring (2.7.10.2), so
+no chain waits for a kick that will not come. All in virtual time.
 """
 
 from __future__ import annotations
@@ -15,24 +15,25 @@ import pytest
 
 from backends.loopback import LoopbackBackend
 from device.clock import VirtualClock
-from device.event_loop import EventLoop, MonotonicClock
 from device.stats import QueueStats
 from device.trace import Trace
 from device.tx import TxQueue
-from device.tx_policy import TxPolicy, make_policy
+from device.tx_policy import FAST_RUN, FIRST_CHECK_NS, TxPolicy, make_policy
 from virtio import DeviceQueue, GuestMemory, RingLayout
 
-QUEUE_SIZE = 16
+QUEUE_SIZE = 64
 BUFFERS = 0x10000
 FRAME = bytes.fromhex("ffffffffffff020000000002 88b5") + bytes(range(46))
 NO_NOTIFY = 1
+INTERVAL = 100_000
+PARK = 1_000_000
 
 
 class Setup:
     """A TX ring, a loopback backend and a policy on a virtual clock."""
 
-    def __init__(self, mode: str, *, event_idx: bool, ring_polling: bool) -> None:
-        self.memory = GuestMemory.anonymous(0x40000)
+    def __init__(self, mode: str, *, event_idx: bool, ring_poll_ns: int) -> None:
+        self.memory = GuestMemory.anonymous(0x80000)
         self.layout = RingLayout.packed_after(QUEUE_SIZE, 0x1000)
         self.queue = DeviceQueue(self.memory, self.layout, index=1, event_idx=event_idx)
         self.backend = LoopbackBackend()
@@ -55,7 +56,8 @@ class Setup:
             self.clock,
             Trace(enabled=False),
             self.stats,
-            ring_polling=ring_polling,
+            ring_poll_ns=ring_poll_ns,
+            ring_poll_interval_ns=INTERVAL,
         )
         self.added = 0
 
@@ -76,9 +78,14 @@ class Setup:
             self.added += 1
         self.memory.write(self.layout.avail_idx_addr, struct.pack("<H", self.added))
 
-    def settle(self) -> None:
-        """Run every scheduled flush."""
-        self.clock.advance(10_000_000)
+    def kick(self) -> None:
+        """Kick and let the flush it schedules run, and nothing after it."""
+        self.policy.on_kick()
+        timer = self.policy.mode.value == "timer"
+        self.clock.advance(self.policy.tx_timeout_ns if timer else 1_000)
+
+    def wait(self, ns: int) -> None:
+        self.clock.advance(ns)
 
     @property
     def used_flags(self) -> int:
@@ -92,10 +99,10 @@ class Setup:
 
 @pytest.mark.parametrize("mode", ["bh", "timer", "immediate"])
 def test_drained_ring_parks_with_notifications_off(mode: str) -> None:
-    setup = Setup(mode, event_idx=False, ring_polling=True)
+    setup = Setup(mode, event_idx=False, ring_poll_ns=PARK)
     setup.add(2)
-    setup.policy.on_kick()
-    setup.settle()
+    setup.kick()
+    setup.wait(PARK // 2)
 
     assert setup.backend.frames_sent == 2
     assert setup.policy.parked
@@ -103,181 +110,162 @@ def test_drained_ring_parks_with_notifications_off(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["bh", "timer", "immediate"])
-def test_poll_finds_chains_added_without_kick(mode: str) -> None:
-    setup = Setup(mode, event_idx=False, ring_polling=True)
+def test_parked_queue_sends_chains_added_without_kick(mode: str) -> None:
+    setup = Setup(mode, event_idx=False, ring_poll_ns=PARK)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
-    assert not setup.policy.poll()  # nothing new yet
+    setup.kick()
 
-    setup.add(3)
-    assert setup.policy.poll()
-    assert not setup.policy.parked
-    setup.settle()
+    for round_ in range(5):
+        setup.add(3)  # no kick: the driver sees NO_NOTIFY
+        setup.wait(PARK // 2)
+        assert setup.backend.frames_sent == 1 + 3 * (round_ + 1)
+        assert setup.used_flags == NO_NOTIFY
 
-    assert setup.backend.frames_sent == 4
-    assert setup.stats.ring_polls == 1
-    assert setup.stats.kicks == 0  # the device counts kicks, the policy does not
+    assert setup.stats.ring_polls == 5
     assert setup.policy.parked
-    assert setup.used_flags == NO_NOTIFY
 
 
-def test_poll_in_timer_mode_arms_the_timer() -> None:
-    setup = Setup("timer", event_idx=False, ring_polling=True)
+def test_parked_timer_mode_looks_every_timeout() -> None:
+    setup = Setup("timer", event_idx=False, ring_poll_ns=PARK)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
-    arms = setup.stats.timer_arms
+    setup.kick()
+    fires = setup.stats.timer_fires
 
     setup.add()
-    setup.policy.poll()
-
-    # The frame waits for the timer as after a kick: that is the batching.
-    assert setup.stats.timer_arms == arms + 1
-    assert setup.policy.timer_armed
+    setup.wait(setup.policy.tx_timeout_ns - 1_000)
     assert setup.backend.frames_sent == 1
-    setup.settle()
+    setup.wait(2_000)
+
+    # As QEMU's timer, re-armed while the driver keeps adding chains.
+    assert setup.backend.frames_sent == 2
+    assert setup.stats.timer_fires == fires + 1
+    assert setup.stats.ring_polls == 1
+
+
+def test_large_flush_makes_first_look_come_soon() -> None:
+    setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
+    setup.add(FAST_RUN)
+    setup.kick()
+    assert setup.backend.frames_sent == FAST_RUN
+
+    setup.add()
+    setup.wait(FIRST_CHECK_NS)
+    assert setup.backend.frames_sent == FAST_RUN + 1
+
+    # One chain was a small flush: the next look waits the whole interval.
+    setup.add()
+    setup.wait(INTERVAL - 1_000)
+    assert setup.backend.frames_sent == FAST_RUN + 1
+    setup.wait(2_000)
+    assert setup.backend.frames_sent == FAST_RUN + 2
+
+
+def test_empty_looks_back_off_to_interval() -> None:
+    setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
+    setup.add(FAST_RUN)
+    setup.kick()
+    # Empty looks at 10, 30, 70 and 150 us (delays 10, 20, 40, 80), then
+    # every 100 us: at 250 us.
+    setup.wait(200_000)
+    setup.add()
+    setup.wait(40_000)
+    assert setup.backend.frames_sent == FAST_RUN
+    setup.wait(20_000)
+    assert setup.backend.frames_sent == FAST_RUN + 1
+
+
+def test_idle_parked_queue_turns_notifications_on() -> None:
+    setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
+    setup.add()
+    setup.kick()
+
+    setup.wait(PARK + 2 * INTERVAL)
+
+    assert not setup.policy.parked
+    assert setup.used_flags == 0
+    # From now on a chain waits for the driver's kick.
+    setup.add()
+    setup.wait(PARK)
+    assert setup.backend.frames_sent == 1
+    setup.kick()
     assert setup.backend.frames_sent == 2
 
 
-def test_poll_end_turns_notifications_on() -> None:
-    setup = Setup("bh", event_idx=False, ring_polling=True)
+def test_chain_slipped_in_as_polling_ends_is_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
+    setup.kick()
+    setup.wait(PARK - INTERVAL)  # the check that gives up is yet to come
 
-    assert not setup.policy.poll_end()
+    # The driver adds a chain just before notifications go back on, and so
+    # does not kick: the re-read after enabling finds it.
+    enable = DeviceQueue.enable_notification
 
-    assert setup.used_flags == 0
-    assert not setup.policy.parked
-    # Not parked: chains added now wait for the driver's kick.
-    setup.add()
-    assert not setup.policy.poll()
-    assert not setup.policy.poll_end()
+    def add_then_enable(queue: DeviceQueue) -> bool:
+        setup.add()
+        return enable(queue)
 
+    monkeypatch.setattr(DeviceQueue, "enable_notification", add_then_enable)
+    setup.wait(2 * INTERVAL)
 
-def test_poll_end_schedules_chains_that_slipped_in() -> None:
-    setup = Setup("bh", event_idx=False, ring_polling=True)
-    setup.add()
-    setup.policy.on_kick()
-    setup.settle()
-    setup.add(2)  # the driver saw NO_NOTIFY and did not kick
-
-    assert setup.policy.poll_end()
-
+    assert setup.backend.frames_sent == 2
     assert setup.used_flags == NO_NOTIFY
-    assert setup.policy.waiting
-    setup.settle()
-    assert setup.backend.frames_sent == 3
+    assert setup.policy.parked
 
 
 def test_event_idx_keeps_avail_event_stale_while_parked() -> None:
-    setup = Setup("bh", event_idx=True, ring_polling=True)
+    setup = Setup("bh", event_idx=True, ring_poll_ns=PARK)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
+    setup.kick()
     setup.add(2)
     event_while_parked = setup.avail_event
-
-    setup.policy.poll()
-    setup.settle()
-    setup.policy.poll_end()
+    setup.wait(PARK + 3 * INTERVAL)
 
     # A stale avail_event is how EVENT_IDX says "do not kick" (2.7.10.2).
-    assert event_while_parked < setup.added
+    assert event_while_parked == 0
+    assert setup.backend.frames_sent == 3
+    assert not setup.policy.parked
     assert setup.used_flags == 0
     assert setup.avail_event == setup.added == 3
-    assert setup.backend.frames_sent == 3
 
 
 def test_kick_while_parked_schedules_as_usual() -> None:
-    setup = Setup("bh", event_idx=False, ring_polling=True)
+    setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
+    setup.kick()
     setup.add()
 
-    setup.policy.on_kick()
+    setup.kick()
 
-    assert not setup.policy.parked
-    setup.settle()
     assert setup.backend.frames_sent == 2
+    assert setup.policy.parked
 
 
 def test_cancel_forgets_parking() -> None:
-    setup = Setup("bh", event_idx=False, ring_polling=True)
+    setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
+    setup.kick()
 
     setup.policy.cancel()
     setup.add()
+    setup.wait(PARK)
 
-    assert not setup.policy.poll()
-    assert not setup.policy.poll_end()
+    assert not setup.policy.parked
+    assert setup.backend.frames_sent == 1
+    assert setup.stats.ring_polls == 0
 
 
 @pytest.mark.parametrize("mode", ["bh", "timer", "immediate"])
 def test_without_ring_polling_notifications_go_back_on(mode: str) -> None:
-    setup = Setup(mode, event_idx=False, ring_polling=False)
+    setup = Setup(mode, event_idx=False, ring_poll_ns=0)
     setup.add()
-    setup.policy.on_kick()
-    setup.settle()
+    setup.kick()
+    setup.wait(setup.policy.tx_timeout_ns)
     setup.add()
+    setup.wait(PARK)
 
     assert not setup.policy.parked
     assert setup.used_flags == 0
-    assert not setup.policy.poll()
-    assert not setup.policy.poll_end()
-
-
-# -- EventLoop.add_poller ---------------------------------------------------------
-
-
-class Poller:
-    def __init__(self, *, found: bool = False) -> None:
-        self.polls = 0
-        self.ends = 0
-        self.found = found
-
-    def poll(self) -> bool:
-        self.polls += 1
-        return self.found
-
-    def end(self) -> bool:
-        self.ends += 1
-        return False
-
-
-def test_loop_polls_while_polling_window_is_open() -> None:
-    loop = EventLoop(MonotonicClock(), poll_ns=10_000_000_000)
-    poller = Poller()
-    loop.add_poller(poller.poll, poller.end)
-
-    loop.run(0.02)
-
-    assert poller.polls > 1
-    assert poller.ends == 0
-
-
-def test_loop_ends_polling_before_it_sleeps() -> None:
-    loop = EventLoop(MonotonicClock(), poll_ns=0)
-    poller = Poller()
-    loop.add_poller(poller.poll, poller.end)
-
-    loop.run(0.02)
-
-    assert poller.ends >= 1
-    assert poller.polls == 0
-
-
-def test_poller_that_finds_work_keeps_loop_awake() -> None:
-    loop = EventLoop(MonotonicClock(), poll_ns=1_000_000)
-    busy = Poller(found=True)
-    loop.add_poller(busy.poll, busy.end)
-
-    loop.run(0.02)
-
-    # Every poll finds work, so the window never closes and end never runs.
-    assert busy.polls > 10
-    assert busy.ends == 0
+    assert setup.backend.frames_sent == 1

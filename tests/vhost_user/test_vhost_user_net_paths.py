@@ -2,8 +2,8 @@
 
 ``TxQueue.flush`` hands the usual chain to ``Backend.send_gather`` as it is,
 and everything else to the checking path. ``EventLoop`` polls for
-``poll_ns`` after activity and polls for a timer due within a millisecond,
-which epoll would round up.
+``poll_ns`` after activity, and waits for a timer due within a millisecond
+with select(2), since epoll would round the wait up.
 """
 
 from __future__ import annotations
@@ -136,15 +136,37 @@ def test_fast_path_in_second_region() -> None:
 # -- event loop ------------------------------------------------------------------
 
 
-def test_timer_within_millisecond_polls() -> None:
+def test_timer_due_within_timer_slack_polls() -> None:
     loop = EventLoop(VirtualClock())
-    loop.clock.call_at(500_000, lambda: None)
-    assert loop._timeout(0, None) == 0.0
     loop.clock.call_at(1_000, lambda: None)
     assert loop._timeout(0, None) == 0.0
     loop = EventLoop(VirtualClock())
+    loop.clock.call_at(500_000, lambda: None)
+    assert loop._timeout(0, None) == 0.0005
+    loop = EventLoop(VirtualClock())
     loop.clock.call_at(2_500_000, lambda: None)
     assert loop._timeout(0, None) == 0.0025
+
+
+def test_timer_within_millisecond_sleeps_without_spinning() -> None:
+    loop = EventLoop(MonotonicClock())
+    turns: list[float | None] = []
+    select = loop.selector.select
+
+    def recording_select(timeout: float | None = None):  # type: ignore[no-untyped-def]
+        turns.append(timeout)
+        return select(timeout)
+
+    loop.selector.select = recording_select  # type: ignore[method-assign]
+    fired: list[int] = []
+    loop.clock.call_later(300_000, lambda: fired.append(loop.clock.now_ns()))
+    loop.clock.call_later(400_000, loop.stop)
+    loop.run()
+    loop.close()
+    # A spinning loop turns thousands of times in 400 us; one that sleeps
+    # in select(2) until each timer turns a few times.
+    assert fired and fired[0] >= 300_000
+    assert len(turns) < 20
 
 
 def test_poll_ns_polls_then_sleeps() -> None:
