@@ -138,7 +138,7 @@ class EventLoop:
         delay_ns = min(candidates) - now
         # A sleep of a few microseconds lasts the kernel's timer slack (50 us
         # by default) at least, so a bottom half due that soon is polled for.
-        if delay_ns < _SHORTEST_SLEEP_NS:
+        if delay_ns < _MIN_SLEEP_NS:
             return 0.0
         return delay_ns / 1e9
 
@@ -168,7 +168,7 @@ class EventLoop:
 
 
 _EPOLL_RESOLUTION_S = 0.001
-_SHORTEST_SLEEP_NS = 50_000
+_MIN_SLEEP_NS = 50_000
 
 
 def attach_backend(

@@ -109,7 +109,7 @@ class TxQueue:
 
     @property
     def plain_limit(self) -> int:
-        """Longest chain, header included, that the fast paths send unchecked.
+        """Maximum chain length, header included, that the fast paths send unchecked.
 
         A frame of at most mtu + 14 bytes cannot exceed the MTU, tagged or
         not, so they skip exceeds_mtu for it (5.1.4.2).
@@ -143,9 +143,9 @@ class TxQueue:
         self.trace.record(Step.TX_FLUSH)
         done = 0
         try:
-            # Runs of one-descriptor chains go to the backend in bursts; the
-            # general path takes whatever ends a run and hands back after the
-            # next chain of one buffer, which likely starts a new run.
+            # Runs of one-descriptor chains go to the backend in bursts. The
+            # general path takes the chain that ended a run, and hands back
+            # after the next chain of one buffer, which likely starts a new run.
             while done < burst:
                 if self.send_burst is not None:
                     count = self._flush_run(burst - done)
@@ -170,10 +170,10 @@ class TxQueue:
         """Transmit the run of one-descriptor chains at the front of the ring.
 
         ``pop_single`` takes the run, so every chain is one buffer holding
-        the header and a frame of plausible size. Frames whose header asks
-        for nothing the backend cannot do go out together through
-        ``send_burst``; any other goes alone through ``_transmit``, in ring
-        order. Returns the count completed, or BUSY.
+        the header and a frame of plausible size. Frames whose header
+        requests nothing the backend cannot do go out together through
+        ``send_burst``. Any other frame goes alone through ``_transmit``, in
+        ring order. Returns the count completed, or BUSY.
         """
         queue = self.queue
         header_len = self.header_len

@@ -190,8 +190,7 @@ class TxPolicy:
 
         A vhost-user front-end kicks through an eventfd, and the device
         sees the kick only when its thread wakes. Without EVENT_IDX the
-        driver kicks for every chain it adds until then, because nothing
-        told it to stop. Parked, the device looks at avail.idx on a timer
+        driver kicks for every chain it adds until then. Parked, the device looks at avail.idx on a timer
         and runs a flush when chains came; after ``ring_poll_ns`` without
         any, it turns notifications back on and re-reads the ring
         (2.7.10.2). vhost-net's busy polling keeps notifications off the
@@ -228,7 +227,7 @@ class TxPolicy:
             self._reschedule()
 
     def _check_interval(self) -> int:
-        """Longest wait between two looks at the ring of a parked queue."""
+        """Maximum wait between two looks at the ring of a parked queue."""
         return self.ring_poll_interval_ns
 
     def _unpark(self) -> None:

@@ -36,11 +36,13 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,7 @@ def measure_run(
     *,
     probe: bool = True,
     py_spy_output: Path | None = None,
+    backend_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Boot once in a new namespace and return the run's record."""
     load = os.getloadavg()[0]
@@ -112,7 +115,14 @@ def measure_run(
             record = measure_configuration(image, network, job, port, link)
         else:
             record = _measure_vhost_user(
-                image, configuration, job, port, link, probe, py_spy_output
+                image,
+                configuration,
+                job,
+                port,
+                link,
+                probe,
+                py_spy_output,
+                backend_args,
             )
     record["load_average_1min"] = load
     record.update(_derived_fields(record))
@@ -127,10 +137,17 @@ def _measure_vhost_user(
     link: HostLink,
     probe: bool,
     py_spy_output: Path | None,
+    backend_args: Sequence[str],
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vne-measure-") as directory:
         socket_path = Path(directory) / "vhost-user.sock"
-        with running_backend(link, socket_path, configuration.tx, probe=probe) as run:
+        with running_backend(
+            link,
+            socket_path,
+            configuration.tx,
+            probe=probe,
+            extra_args=backend_args,
+        ) as run:
             network = VhostUserNetwork(
                 socket_path, configuration.event_idx, link.namespace
             )
@@ -390,6 +407,7 @@ def _measure_all(
                 arguments.port,
                 probe=not arguments.no_probe,
                 py_spy_output=py_spy_output,
+                backend_args=shlex.split(arguments.backend_args),
             )
             runs[configuration].append(record)
     return [
@@ -450,6 +468,11 @@ def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="run the backend's plain command, without counting kick writes",
     )  # fmt: skip
     backend.add_argument(
+        "--backend-args", default="", metavar="ARGS",
+        help="extra options for the backend's vhost-user command, such as"
+        " '--ring-poll-us 0'",
+    )  # fmt: skip
+    backend.add_argument(
         "--py-spy", type=Path, default=None, metavar="DIR",
         help="record the backend's stacks with py-spy into DIR (collapsed format)",
     )  # fmt: skip
@@ -479,6 +502,7 @@ def _report(
         "pings": arguments.pings,
         "repeats": arguments.repeats,
         "probe": not arguments.no_probe,
+        "backend_args": arguments.backend_args,
         "script": "python -m tests.guest.measure_vhost_user "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -80,8 +80,12 @@ def backend_command(
     *,
     probe: bool = False,
     duration_s: float | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """Return the command line of the backend for ``link``'s TAP."""
+    """Return the command line of the backend for ``link``'s TAP.
+
+    ``extra_args`` go at the end, for options such as ``--ring-poll-us``.
+    """
     if probe:
         program = [sys.executable, str(_HERE / "backend_probe.py")]
     else:
@@ -97,7 +101,7 @@ def backend_command(
     ]  # fmt: skip
     if duration_s is not None:
         command += ["--duration", str(duration_s)]
-    return command
+    return [*command, *extra_args]
 
 
 def listening(socket_path: Path) -> bool:
@@ -126,6 +130,7 @@ def running_backend(
     *,
     probe: bool = False,
     env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
     start_timeout_s: float = 30.0,
     stop_timeout_s: float = 30.0,
 ) -> Iterator[BackendRun]:
@@ -136,7 +141,9 @@ def running_backend(
     RuntimeError when the backend exits or does not listen within
     ``start_timeout_s``, with the end of its stderr.
     """
-    command = backend_command(link, socket_path, tx_mode, probe=probe)
+    command = backend_command(
+        link, socket_path, tx_mode, probe=probe, extra_args=extra_args
+    )
     directory = socket_path.parent
     stdout_path = directory / "backend.stdout"
     stderr_path = directory / "backend.stderr"
