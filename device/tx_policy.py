@@ -56,9 +56,7 @@ DEFAULT_TX_BURST = 256
 DEFAULT_RING_POLL_INTERVAL_NS = 100_000
 """How often a parked policy looks at the ring (see ``TxPolicy._park``)."""
 FIRST_CHECK_NS = 10_000
-"""The first look at the ring of a queue parked after a flush of ``FAST_RUN``
-chains or more."""
-FAST_RUN = 32
+"""Delay of the first look at the ring of a parked queue."""
 DEFAULT_BH_DELAY_NS = 1_000
 """Virtual time from scheduling a bottom half to its run. An estimate of the
 main loop's latency; QEMU runs a bottom half as soon as its thread is free."""
@@ -177,7 +175,7 @@ class TxPolicy:
             self._reschedule()
             return
         if self.ring_poll_ns:
-            self._park(result)
+            self._park()
             return
         self._enable_notification()
         result = self.tx.flush(self.tx_burst)
@@ -185,7 +183,7 @@ class TxPolicy:
             self._disable_notification()
             self._reschedule()
 
-    def _park(self, completed: int) -> None:
+    def _park(self) -> None:
         """Keep notifications off after draining the ring, and poll it instead.
 
         A vhost-user front-end kicks through an eventfd, and the device
@@ -196,15 +194,13 @@ class TxPolicy:
         (2.7.10.2). vhost-net's busy polling keeps notifications off the
         same way.
 
-        The first look comes soon after a flush of ``FAST_RUN`` chains or
-        more, from a driver that fills the ring faster than a sleep lasts,
-        and the wait doubles up to ``_check_interval`` while the ring stays
-        empty.
+        The first look comes after ``FIRST_CHECK_NS``, soon enough for a
+        driver that fills the ring faster than a sleep lasts (DPDK's), and
+        the wait doubles up to ``_check_interval`` while the ring stays empty.
         """
         self.parked = True
         self._parked_ns = self.clock.now_ns()
-        interval = self._check_interval()
-        self._check_delay = FIRST_CHECK_NS if completed >= FAST_RUN else interval
+        self._check_delay = self._first_check_delay()
         self._ring_check = self.clock.call_later(self._check_delay, self._check_ring)
 
     def _check_ring(self) -> None:
@@ -229,6 +225,10 @@ class TxPolicy:
     def _check_interval(self) -> int:
         """Maximum wait between two looks at the ring of a parked queue."""
         return self.ring_poll_interval_ns
+
+    def _first_check_delay(self) -> int:
+        """Wait before the first look at the ring of a parked queue."""
+        return min(FIRST_CHECK_NS, self.ring_poll_interval_ns)
 
     def _unpark(self) -> None:
         self.parked = False
@@ -290,7 +290,10 @@ class TimerPolicy(TxPolicy):
 
     def _check_interval(self) -> int:
         # Parked, the ring is looked at as often as the timer would fire for
-        # a driver that keeps kicking: every tx_timeout.
+        # a driver that keeps kicking: every tx_timeout, the first time too.
+        return self.tx_timeout_ns
+
+    def _first_check_delay(self) -> int:
         return self.tx_timeout_ns
 
 
@@ -352,7 +355,7 @@ class ImmediatePolicy(TxPolicy):
                 self._reschedule()
                 return
             if self.ring_poll_ns:
-                self._park(result)
+                self._park()
                 return
             if not self._enable_notification():
                 return

@@ -18,7 +18,7 @@ from device.clock import VirtualClock
 from device.stats import QueueStats
 from device.trace import Trace
 from device.tx import TxQueue
-from device.tx_policy import FAST_RUN, FIRST_CHECK_NS, TxPolicy, make_policy
+from device.tx_policy import FIRST_CHECK_NS, TxPolicy, make_policy
 from virtio import DeviceQueue, GuestMemory, RingLayout
 
 QUEUE_SIZE = 64
@@ -142,36 +142,30 @@ def test_parked_timer_mode_looks_every_timeout() -> None:
     assert setup.stats.ring_polls == 1
 
 
-def test_large_flush_makes_first_look_come_soon() -> None:
+def test_first_look_comes_soon() -> None:
     setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
-    setup.add(FAST_RUN)
+    setup.add()
     setup.kick()
-    assert setup.backend.frames_sent == FAST_RUN
 
     setup.add()
     setup.wait(FIRST_CHECK_NS)
-    assert setup.backend.frames_sent == FAST_RUN + 1
 
-    # One chain was a small flush: the next look waits the whole interval.
-    setup.add()
-    setup.wait(INTERVAL - 1_000)
-    assert setup.backend.frames_sent == FAST_RUN + 1
-    setup.wait(2_000)
-    assert setup.backend.frames_sent == FAST_RUN + 2
+    assert setup.backend.frames_sent == 2
+    assert setup.stats.ring_polls == 1
 
 
 def test_empty_looks_back_off_to_interval() -> None:
     setup = Setup("bh", event_idx=False, ring_poll_ns=PARK)
-    setup.add(FAST_RUN)
+    setup.add()
     setup.kick()
     # Empty looks at 10, 30, 70 and 150 us (delays 10, 20, 40, 80), then
     # every 100 us: at 250 us.
     setup.wait(200_000)
     setup.add()
     setup.wait(40_000)
-    assert setup.backend.frames_sent == FAST_RUN
+    assert setup.backend.frames_sent == 1
     setup.wait(20_000)
-    assert setup.backend.frames_sent == FAST_RUN + 1
+    assert setup.backend.frames_sent == 2
 
 
 def test_idle_parked_queue_turns_notifications_on() -> None:
