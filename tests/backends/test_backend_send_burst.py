@@ -276,6 +276,13 @@ def slow_tap(netns: str) -> Iterator[TapBackend]:
                 ipr.link("set", index=index, master=bridge)
             for index in (backend.ifindex, veth, peer, bridge):
                 ipr.link("set", index=index, state="up")
+            # The veth has carrier, and so forwards as a bridge port, only
+            # once its peer is up; until then the bridge drops the frames and
+            # the send buffer never fills.
+            deadline = time.monotonic() + 2.0
+            while ipr.get_links(veth)[0].get_attr("IFLA_OPERSTATE") != "UP":
+                assert time.monotonic() < deadline, "the veth never came up"
+                time.sleep(0.005)
         yield backend
     finally:
         backend.close()
