@@ -188,11 +188,11 @@ class TxPolicy:
 
         A vhost-user front-end kicks through an eventfd, and the device
         sees the kick only when its thread wakes. Without EVENT_IDX the
-        driver kicks for every chain it adds until then. Parked, the device looks at avail.idx on a timer
-        and runs a flush when chains came; after ``ring_poll_ns`` without
-        any, it turns notifications back on and re-reads the ring
-        (2.7.10.2). vhost-net's busy polling keeps notifications off the
-        same way.
+        driver kicks for every chain it adds until then. Parked, the device
+        looks at avail.idx on a timer and runs a flush when chains came.
+        After ``ring_poll_ns`` without any, it turns notifications back on
+        and re-reads the ring (2.7.10.2). vhost-net's busy polling keeps
+        notifications off the same way.
 
         The first look comes after ``FIRST_CHECK_NS``, soon enough for a
         driver that fills the ring faster than a sleep lasts (DPDK's), and
