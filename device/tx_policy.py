@@ -198,6 +198,9 @@ class TxPolicy:
         driver that fills the ring faster than a sleep lasts (DPDK's), and
         the wait doubles up to ``_check_interval`` while the ring stays empty.
         """
+        # A kick in immediate mode drains and parks again without going
+        # through _schedule, so a look may still be pending: only one may be.
+        self._unpark()
         self.parked = True
         self._parked_ns = self.clock.now_ns()
         self._check_delay = self._first_check_delay()

@@ -41,6 +41,11 @@ __all__ = ["command", "open_backend", "check_socket_path"]
 _BACKEND_HELP = "use tap:IFNAME, loopback or null"
 
 
+#: Maximum --ring-poll-us: one second. A longer time only keeps the timer
+#: looking at an idle ring long after the driver stopped sending.
+MAX_RING_POLL_US = 1_000_000
+
+
 def command(args: argparse.Namespace) -> int:
     """Run the back-end until it is stopped and return the exit code."""
     if args.duration is not None and args.duration <= 0:
@@ -48,9 +53,10 @@ def command(args: argparse.Namespace) -> int:
     ring_poll_us = getattr(args, "ring_poll_us", None)
     if ring_poll_us is None:
         ring_poll_ns = DEFAULT_RING_POLL_NS
-    elif ring_poll_us < 0:
+    elif not 0 <= ring_poll_us <= MAX_RING_POLL_US:
         raise UserError(
-            f"invalid --ring-poll-us {ring_poll_us}: expected microseconds >= 0"
+            f"invalid --ring-poll-us {ring_poll_us}: expected microseconds from 0"
+            f" to {MAX_RING_POLL_US}"
         )
     else:
         ring_poll_ns = round(ring_poll_us * 1000)
