@@ -11,20 +11,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
 from backends import (
     BackendError,
     NamespaceNotFoundError,
+    TapBackend,
     create_namespace,
     delete_namespace,
     enter_namespace,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SLOW_VETH = "vneveth0"
+"""The veth behind ``bridged_tap`` whose slow qdisc holds the frames."""
 
 
 def root_skip_reason() -> str | None:
@@ -89,3 +94,56 @@ def corpus_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"capture corpus not found at {path}; set VNE_CORPUS_DIR")
     return path
+
+
+@pytest.fixture
+def bridged_tap(netns: str) -> Iterator[TapBackend]:
+    """A TAP with a 16 KiB send buffer, bridged to a veth with a slow qdisc.
+
+    Frames written to the TAP are forwarded by the bridge into a token bucket
+    filter at 8 kbit/s, where they wait while still charged to the TAP's send
+    buffer. Once 16 KiB are waiting, writes fail with EAGAIN.
+    """
+    backend = TapBackend(netns=netns, sndbuf=16384, up=False)
+    try:
+        with IPRoute(netns=netns, flags=0) as ipr:
+            ipr.link("add", ifname="vnebr0", kind="bridge")
+            ipr.link("add", ifname=SLOW_VETH, kind="veth", peer="vneveth1")
+            bridge = ipr.link_lookup(ifname="vnebr0")[0]
+            veth = ipr.link_lookup(ifname=SLOW_VETH)[0]
+            peer = ipr.link_lookup(ifname="vneveth1")[0]
+            ipr.tc(
+                "add",
+                "tbf",
+                veth,
+                handle=0x10000,
+                rate="8kbit",
+                burst=1600,
+                limit=1_000_000,
+            )
+            for index in (backend.ifindex, veth):
+                ipr.link("set", index=index, master=bridge)
+            for index in (backend.ifindex, veth, peer, bridge):
+                ipr.link("set", index=index, state="up")
+            # The veth has carrier, and so forwards as a bridge port, only
+            # once its peer is up; until then the bridge drops the frames and
+            # the send buffer never fills.
+            deadline = time.monotonic() + 2.0
+            while ipr.get_links(veth)[0].get_attr("IFLA_OPERSTATE") != "UP":
+                assert time.monotonic() < deadline, "the veth never came up"
+                time.sleep(0.005)
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def release_slow_qdisc(netns: str) -> Callable[[], None]:
+    """A function that deletes the slow qdisc of ``bridged_tap``, freeing its frames."""
+
+    def release() -> None:
+        with IPRoute(netns=netns, flags=0) as ipr:
+            veth = ipr.link_lookup(ifname=SLOW_VETH)[0]
+            ipr.tc("del", index=veth, root=True)
+
+    return release

@@ -12,10 +12,9 @@ from __future__ import annotations
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from pyroute2 import IPRoute
 
 from backends import NullBackend, SendStatus, TapBackend, enter_namespace
 from backends.base import send_each
@@ -246,81 +245,34 @@ def test_tap_burst_short_frame_raises(tap: TapBackend, capture: socket.socket) -
     assert captured(capture) == frames[:1]
 
 
-@pytest.fixture
-def slow_tap(netns: str) -> Iterator[TapBackend]:
-    """A TAP with a 16 KiB send buffer whose frames wait in an 8 kbit/s qdisc.
-
-    The TAP is a bridge port next to a veth with a token bucket filter. The
-    bridge floods frames to an unknown MAC into the veth, where they wait
-    while still charged to the TAP's send buffer, so writes fail with EAGAIN
-    once about 16 KiB are waiting.
-    """
-    backend = TapBackend("vneburst1", netns=netns, sndbuf=16384, up=False)
-    try:
-        with IPRoute(netns=netns, flags=0) as ipr:
-            ipr.link("add", ifname="vneburstbr", kind="bridge")
-            ipr.link("add", ifname="vneburstv0", kind="veth", peer="vneburstv1")
-            bridge = ipr.link_lookup(ifname="vneburstbr")[0]
-            veth = ipr.link_lookup(ifname="vneburstv0")[0]
-            peer = ipr.link_lookup(ifname="vneburstv1")[0]
-            ipr.tc(
-                "add",
-                "tbf",
-                veth,
-                handle=0x10000,
-                rate="8kbit",
-                burst=1600,
-                limit=1_000_000,
-            )
-            for index in (backend.ifindex, veth):
-                ipr.link("set", index=index, master=bridge)
-            for index in (backend.ifindex, veth, peer, bridge):
-                ipr.link("set", index=index, state="up")
-            # The veth has carrier, and so forwards as a bridge port, only
-            # once its peer is up; until then the bridge drops the frames and
-            # the send buffer never fills.
-            deadline = time.monotonic() + 2.0
-            while ipr.get_links(veth)[0].get_attr("IFLA_OPERSTATE") != "UP":
-                assert time.monotonic() < deadline, "the veth never came up"
-                time.sleep(0.005)
-        yield backend
-    finally:
-        backend.close()
-
-
-def release_slow_qdisc(netns: str) -> None:
-    """Delete the token bucket filter, which frees the frames waiting in it."""
-    with IPRoute(netns=netns, flags=0) as ipr:
-        veth = ipr.link_lookup(ifname="vneburstv0")[0]
-        ipr.tc("del", index=veth, root=True)
-
-
 @pytest.mark.root
-def test_tap_burst_full_send_buffer_busy(netns: str, slow_tap: TapBackend) -> None:
+def test_tap_burst_full_send_buffer_busy(
+    netns: str, bridged_tap: TapBackend, release_slow_qdisc: Callable[[], None]
+) -> None:
     frames = [make_frame(n, 1000) for n in range(100)]
     packets = guest_buffers([HEADER + frame for frame in frames])
-    with local_capture(netns, slow_tap) as sock:
+    with local_capture(netns, bridged_tap) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 
-        sent, status = slow_tap.send_burst(packets)
+        sent, status = bridged_tap.send_burst(packets)
 
         assert status is SendStatus.BUSY
         assert 1 <= sent < 100
-        assert slow_tap.send_busy == 1
-        assert slow_tap.frames_sent == sent
-        assert slow_tap.bytes_sent == sent * 1000
-        assert not slow_tap.drops
+        assert bridged_tap.send_busy == 1
+        assert bridged_tap.frames_sent == sent
+        assert bridged_tap.bytes_sent == sent * 1000
+        assert not bridged_tap.drops
         assert captured(sock) == frames[:sent]
 
-        release_slow_qdisc(netns)
+        release_slow_qdisc()
         poller = select.poll()
-        poller.register(slow_tap.writable_fileno(), select.POLLOUT)
+        poller.register(bridged_tap.writable_fileno(), select.POLLOUT)
         assert poller.poll(1000)
         # The rest of the run, offered again from the frame that was BUSY.
         position, end = sent, sent + 5
         deadline = time.monotonic() + 5
         while position < end:
-            count, status = slow_tap.send_burst(packets[position:end])
+            count, status = bridged_tap.send_burst(packets[position:end])
             position += count
             if status is SendStatus.BUSY:
                 assert time.monotonic() < deadline, "the TAP stayed busy"
@@ -329,5 +281,5 @@ def test_tap_burst_full_send_buffer_busy(netns: str, slow_tap: TapBackend) -> No
                 assert status is SendStatus.SENT
 
         assert captured(sock) == frames[sent:end]
-        assert slow_tap.frames_sent == end
-        assert not slow_tap.drops
+        assert bridged_tap.frames_sent == end
+        assert not bridged_tap.drops

@@ -449,49 +449,10 @@ def test_send_after_close_dropped(tap: TapBackend) -> None:
     assert info.value.errno == errno.EBADF
 
 
-@pytest.fixture
-def bridged_tap(netns: str) -> Iterator[TapBackend]:
-    """A TAP with a 16 KiB send buffer, bridged to a veth with a slow qdisc.
-
-    Frames written to the TAP are forwarded by the bridge into a token bucket
-    filter at 8 kbit/s, where they wait while still charged to the TAP's send
-    buffer. Once 16 KiB are waiting, writes fail with EAGAIN.
-    """
-    backend = TapBackend(netns=netns, sndbuf=16384, up=False)
-    try:
-        with ipr_in(netns) as ipr:
-            ipr.link("add", ifname="vnebr0", kind="bridge")
-            ipr.link("add", ifname="vneveth0", kind="veth", peer="vneveth1")
-            bridge = ipr.link_lookup(ifname="vnebr0")[0]
-            veth = ipr.link_lookup(ifname="vneveth0")[0]
-            peer = ipr.link_lookup(ifname="vneveth1")[0]
-            ipr.tc(
-                "add",
-                "tbf",
-                veth,
-                handle=0x10000,
-                rate="8kbit",
-                burst=1600,
-                limit=1_000_000,
-            )
-            for index in (backend.ifindex, veth):
-                ipr.link("set", index=index, master=bridge)
-            for index in (backend.ifindex, veth, peer, bridge):
-                ipr.link("set", index=index, state="up")
-            # The veth has carrier, and so forwards as a bridge port, only
-            # once its peer is up; until then the bridge drops the frames and
-            # the send buffer never fills.
-            deadline = time.monotonic() + 2.0
-            while ipr.get_links(veth)[0].get_attr("IFLA_OPERSTATE") != "UP":
-                assert time.monotonic() < deadline, "the veth never came up"
-                time.sleep(0.005)
-        yield backend
-    finally:
-        backend.close()
-
-
 @pytest.mark.root
-def test_full_send_buffer_busy(netns: str, bridged_tap: TapBackend) -> None:
+def test_full_send_buffer_busy(
+    bridged_tap: TapBackend, release_slow_qdisc: Callable[[], None]
+) -> None:
     # A unicast frame to an unknown MAC, which the bridge floods to the veth.
     frame = ethernet(bytes.fromhex("020000000099"), GUEST_MAC, ETH_P_ARP, bytes(1000))
     statuses = []
@@ -503,9 +464,7 @@ def test_full_send_buffer_busy(netns: str, bridged_tap: TapBackend) -> None:
     poller.register(bridged_tap.writable_fileno(), select.POLLOUT)
     writable_while_full = poller.poll(0)
 
-    with ipr_in(netns) as ipr:
-        veth = ipr.link_lookup(ifname="vneveth0")[0]
-        ipr.tc("del", index=veth, root=True)  # frees the queued frames
+    release_slow_qdisc()  # frees the queued frames
     writable_after = poller.poll(1000)
     retry = bridged_tap.send(bytes(12), [frame])
 
