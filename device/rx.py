@@ -141,9 +141,9 @@ class RxQueue:
 
         They go back to the avail ring when they are the last chains popped.
         A chain completed between them (one with no writable buffer) makes
-        that impossible, and the driver may set this ring up again from
-        ``last_avail_idx``, so they are completed with length 0 instead, as
-        a frame too large for the ring's buffers is.
+        that impossible. The driver may set this ring up again from
+        ``last_avail_idx``, so they are completed with length 0 instead, like
+        the chains of a frame too large for the ring's buffers.
         """
         queue = self.queue
         recent = queue.recent_pops(len(chains))

@@ -1,10 +1,11 @@
 """Stopping the RX queue (vhost-user GET_VRING_BASE) with a mergeable frame half placed.
 
-The chains gathered for a frame that does not fit yet are given back: to the
-avail ring when they are the last ones popped, so a restart from the
-returned index offers them again, or, when the driver slipped a chain with
-no writable buffer between them, to the used ring with length 0. Either
-way the queue stops without an error and no buffer stays in flight.
+The chains gathered for a frame that does not fit yet are given back. When
+they are the last ones popped they go back to the avail ring, so a restart
+from the returned index offers them again. When the driver slipped a chain
+with no writable buffer between them, they go to the used ring with length
+0. Either way the queue stops without an error and no buffer stays in
+flight.
 """
 
 from __future__ import annotations

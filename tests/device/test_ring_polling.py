@@ -1,10 +1,10 @@
 """Ring polling: a drained TX queue keeps notifications off and polls its ring.
 
 A TX policy with ``ring_poll_ns`` parks after it drained the ring instead of
-turning notifications back on: every ``ring_poll_interval_ns`` it looks at
-avail.idx and handles new chains as after a kick, and after ``ring_poll_ns``
-without any it turns notifications on and re-reads the ring (2.7.10.2), so
-no chain waits for a kick that will not come. All in virtual time.
+turning notifications back on. A timer looks at avail.idx, and new chains
+are flushed as after a kick. After ``ring_poll_ns`` without any, the policy
+turns notifications on and re-reads the ring (2.7.10.2), so no chain waits
+for a kick that will not come. All in virtual time.
 """
 
 from __future__ import annotations
