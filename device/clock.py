@@ -58,6 +58,10 @@ class Clock:
         """Arm ``callback`` to run once ``delay_ns`` from now."""
         return self.call_at(self.now_ns() + delay_ns, callback)
 
+    def armed_timers(self) -> list[Timer]:
+        """Return the armed timers, earliest first, for inspection."""
+        return [timer for _, _, timer in sorted(self._heap) if timer.armed]
+
     def next_deadline(self) -> int | None:
         """Deadline of the earliest armed timer, or None."""
         heap = self._heap
