@@ -37,10 +37,8 @@ from device.vhost_user.protocol import (
     Request,
     VhostMemoryRegion,
     decode_u64,
-    decode_vring_state,
     encode_memory_table,
     encode_u64,
-    encode_vring_state,
 )
 from device.vhost_user.service import NetService
 from virtio import (
@@ -255,17 +253,6 @@ class ServiceRig:
         if kick:
             self.tx.kick()
 
-    def vring_base(self, index: int) -> int:
-        reply = self.frontend.call_request(
-            Request.GET_VRING_BASE, encode_vring_state(index, 0)
-        )
-        return decode_vring_state(reply).num
-
-    def restart(self, index: int, base: int) -> None:
-        frontend = self.frontend
-        frontend.send(Request.SET_VRING_BASE, encode_vring_state(index, base))
-        frontend.send(Request.SET_VRING_KICK, encode_u64(index), [frontend.kick[index]])
-
     def armed_policy_timers(self) -> list[TxPolicy]:
         """Return the TX policies that own an armed timer of the service's clock."""
         owners = []
@@ -357,7 +344,7 @@ def test_vring_base_while_parked_then_restart(
     # before the ring stops.
     for number in range(5, 9):
         rig.add(number, kick=False)
-    base = rig.vring_base(TX_QUEUE)
+    base = rig.frontend.get_vring_base(TX_QUEUE)
     sent = len(rig.backend.arrivals)
     assert base == (0xFFFD + sent) & 0xFFFF
     assert rig.armed_policy_timers() == []
@@ -365,7 +352,7 @@ def test_vring_base_while_parked_then_restart(
         rig.add(number, kick=False)
     time.sleep(0.005)
     assert len(rig.backend.arrivals) == sent
-    rig.restart(TX_QUEUE, base)
+    rig.frontend.restart_ring(TX_QUEUE, base)
     assert_each_once_in_time(rig, 12)
     policies = rig.armed_policy_timers()
     assert all(policy is rig.service.device.tx_policy for policy in policies)

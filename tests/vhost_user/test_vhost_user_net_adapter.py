@@ -33,9 +33,7 @@ from device.vhost_user.net_adapter import VHOST_USER_FEATURES, NetDeviceAdapter
 from device.vhost_user.protocol import (
     Request,
     decode_u64,
-    decode_vring_state,
     encode_u64,
-    encode_vring_state,
 )
 from virtio import (
     DriverQueue,
@@ -133,18 +131,6 @@ class Rig:
             driver.add_buf([], [(RX_BUFFERS + slot * BUFFER_SIZE, size)], token=slot)
         driver.kick()
         self.harness.pump()
-
-    def vring_base(self, index: int) -> int:
-        """Send GET_VRING_BASE (which stops the ring) and return the index."""
-        reply = self.frontend.call_request(
-            Request.GET_VRING_BASE, encode_vring_state(index, 0)
-        )
-        return decode_vring_state(reply).num
-
-    def restart(self, index: int, base: int) -> None:
-        frontend = self.frontend
-        frontend.send(Request.SET_VRING_BASE, encode_vring_state(index, base))
-        frontend.send(Request.SET_VRING_KICK, encode_u64(index), [frontend.kick[index]])
 
     def close(self) -> None:
         self.drivers.clear()
@@ -339,9 +325,9 @@ def test_stop_gives_back_busy_chain(make_rig) -> None:
     rig.transmit(FRAME)
     assert rig.device.tx.pending is not None
     # The second BUSY makes stop_queue give the chain back unsent.
-    assert rig.vring_base(TX_QUEUE) == 0
+    assert rig.frontend.get_vring_base(TX_QUEUE) == 0
     assert backend.sent_frames() == []
-    rig.restart(TX_QUEUE, 0)
+    rig.frontend.restart_ring(TX_QUEUE, 0)
     assert backend.sent_frames() == [FRAME]
     assert rig.drivers[TX_QUEUE].get_buf() == (0, 0)
 
@@ -352,7 +338,7 @@ def test_stop_sends_busy_chain_when_backend_ready(make_rig) -> None:
     rig.start()
     backend.fail_sends(1, SendStatus.BUSY)
     rig.transmit(FRAME)
-    assert rig.vring_base(TX_QUEUE) == 1
+    assert rig.frontend.get_vring_base(TX_QUEUE) == 1
     assert backend.sent_frames() == [FRAME]
     assert rig.drivers[TX_QUEUE].get_buf() == (0, 0)
 
@@ -364,8 +350,8 @@ def test_restart_continues_used_index(make_rig) -> None:
     for slot in range(3):
         rig.transmit(FRAME, slot=slot)
     assert [driver.get_buf() for _ in range(3)] == [(0, 0), (1, 0), (2, 0)]
-    assert rig.vring_base(TX_QUEUE) == 3
-    rig.restart(TX_QUEUE, 3)
+    assert rig.frontend.get_vring_base(TX_QUEUE) == 3
+    rig.frontend.restart_ring(TX_QUEUE, 3)
     rig.transmit(FRAME, slot=3)
     assert driver.get_buf() == (3, 0)
     assert len(rig.backend.sent_frames()) == 4
@@ -374,10 +360,10 @@ def test_restart_continues_used_index(make_rig) -> None:
 def test_restart_sends_chains_added_while_stopped(make_rig) -> None:
     rig = make_rig()
     rig.start()
-    assert rig.vring_base(TX_QUEUE) == 0
+    assert rig.frontend.get_vring_base(TX_QUEUE) == 0
     rig.memory.write(TX_BUFFERS, bytes(12) + FRAME)
     rig.drivers[TX_QUEUE].add_buf([(TX_BUFFERS, 12 + len(FRAME))], token=0)
-    rig.restart(TX_QUEUE, 0)
+    rig.frontend.restart_ring(TX_QUEUE, 0)
     assert rig.backend.sent_frames() == [FRAME]
 
 
@@ -387,8 +373,8 @@ def test_restart_clears_no_notify(make_rig) -> None:
     rig.transmit(FRAME)
     # The bottom half is scheduled and notifications are off.
     assert rig.drivers[TX_QUEUE].kick_prepare() is False
-    assert rig.vring_base(TX_QUEUE) == 0
-    rig.restart(TX_QUEUE, 0)
+    assert rig.frontend.get_vring_base(TX_QUEUE) == 0
+    rig.frontend.restart_ring(TX_QUEUE, 0)
     rig.clock.advance(1_000_000)
     assert rig.backend.sent_frames() == [FRAME]
     assert rig.drivers[TX_QUEUE].kick_prepare() is True
@@ -399,7 +385,7 @@ def test_stop_drops_held_frames(make_rig) -> None:
     rig.start()
     rig.device.receive(bytes(12), FRAME)
     assert rig.device.stats.queue(RX_QUEUE).held == 1
-    rig.vring_base(RX_QUEUE)
+    rig.frontend.get_vring_base(RX_QUEUE)
     assert rig.device.stats.queue(RX_QUEUE).drops["queue-stopped"] == 1
 
 

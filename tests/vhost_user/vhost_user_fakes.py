@@ -27,6 +27,7 @@ from device.vhost_user.protocol import (
     VhostMemoryRegion,
     VringAddress,
     decode_u64,
+    decode_vring_state,
     encode_memory_table,
     encode_message,
     encode_u64,
@@ -268,6 +269,16 @@ class FakeFrontend:
         )
         self.send(Request.SET_VRING_KICK, encode_u64(index), [self.kick[index]])
         self.send(Request.SET_VRING_CALL, encode_u64(index), [self.call[index]])
+
+    def get_vring_base(self, index: int) -> int:
+        """Send GET_VRING_BASE, which stops ring ``index``, and return the index."""
+        reply = self.call_request(Request.GET_VRING_BASE, encode_vring_state(index, 0))
+        return decode_vring_state(reply).num
+
+    def restart_ring(self, index: int, base: int) -> None:
+        """Start stopped ring ``index`` again from avail index ``base``."""
+        self.send(Request.SET_VRING_BASE, encode_vring_state(index, base))
+        self.send(Request.SET_VRING_KICK, encode_u64(index), [self.kick[index]])
 
     def enable_ring(self, index: int, enable: bool = True) -> None:
         """Send SET_VRING_ENABLE."""
