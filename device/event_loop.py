@@ -153,7 +153,8 @@ class EventLoop:
         try:
             select.select([self.selector.fileno()], [], [], timeout)
         except ValueError:
-            # A descriptor number beyond FD_SETSIZE: poll instead.
+            # select(2) rejects descriptor numbers beyond FD_SETSIZE, so the
+            # loop polls instead.
             pass
 
     def _dispatch(self, fd: int, events: int) -> None:

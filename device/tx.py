@@ -438,7 +438,8 @@ class TxQueue:
 
 
 _SENT = SendStatus.SENT
-# A plain int: the flag arithmetic of NetFeature costs microseconds per flush.
+# A plain int, because each & on the NetFeature flag builds a new enum member
+# (3 % of the backend's time under testpmd).
 _CSUM = int(NetFeature.CSUM)
 _ETHERNET_HEADER = 14
 

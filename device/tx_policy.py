@@ -187,7 +187,7 @@ class TxPolicy:
         """Keep notifications off after draining the ring, and poll it instead.
 
         A vhost-user front-end kicks through an eventfd, and the device
-        sees the kick only when its thread wakes. Without EVENT_IDX the
+        handles the kick only when its thread wakes. Without EVENT_IDX the
         driver kicks for every chain it adds until then. Parked, the device
         looks at avail.idx on a timer and runs a flush when chains came.
         After ``ring_poll_ns`` without any, it turns notifications back on
@@ -199,7 +199,8 @@ class TxPolicy:
         the wait doubles up to ``_check_interval`` while the ring stays empty.
         """
         # A kick in immediate mode drains and parks again without going
-        # through _schedule, so a look may still be pending: only one may be.
+        # through _schedule, so an earlier look may still be armed. It is
+        # cancelled, because cancel() reaches only the latest one.
         self._unpark()
         self.parked = True
         self._parked_ns = self.clock.now_ns()

@@ -29,7 +29,7 @@ from backends import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLOW_VETH = "vneveth0"
-"""The veth behind ``bridged_tap`` whose slow qdisc holds the frames."""
+"""The veth behind ``bridged_tap``, whose slow qdisc keeps the frames waiting."""
 
 
 def root_skip_reason() -> str | None:
@@ -125,9 +125,9 @@ def bridged_tap(netns: str) -> Iterator[TapBackend]:
                 ipr.link("set", index=index, master=bridge)
             for index in (backend.ifindex, veth, peer, bridge):
                 ipr.link("set", index=index, state="up")
-            # The veth has carrier, and so forwards as a bridge port, only
-            # once its peer is up; until then the bridge drops the frames and
-            # the send buffer never fills.
+            # The veth has carrier, and forwards as a bridge port, only once
+            # its peer is up. Until then the bridge drops the frames, so the
+            # send buffer never fills.
             deadline = time.monotonic() + 2.0
             while ipr.get_links(veth)[0].get_attr("IFLA_OPERSTATE") != "UP":
                 assert time.monotonic() < deadline, "the veth never came up"

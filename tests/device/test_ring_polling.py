@@ -116,7 +116,7 @@ def test_parked_queue_sends_chains_added_without_kick(mode: str) -> None:
     setup.kick()
 
     for round_ in range(5):
-        setup.add(3)  # no kick: the driver sees NO_NOTIFY
+        setup.add(3)  # no kick, because used.flags has NO_NOTIFY
         setup.wait(PARK // 2)
         assert setup.backend.frames_sent == 1 + 3 * (round_ + 1)
         assert setup.used_flags == NO_NOTIFY
@@ -217,7 +217,7 @@ def test_event_idx_keeps_avail_event_stale_while_parked() -> None:
     event_while_parked = setup.avail_event
     setup.wait(PARK + 3 * INTERVAL)
 
-    # A stale avail_event is how EVENT_IDX says "do not kick" (2.7.10.2).
+    # With EVENT_IDX a stale avail_event suppresses the kick (2.7.10.2).
     assert event_while_parked == 0
     assert setup.backend.frames_sent == 3
     assert not setup.policy.parked

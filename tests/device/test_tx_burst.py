@@ -5,10 +5,10 @@ ring with ``DeviceQueue.pop_single``, hands their frames to
 ``Backend.send_burst`` in one call and completes them with
 ``add_used_many``. A chain whose header requests an offload goes alone
 through the checking path, and any other chain shape goes through the
-general per-chain path. These tests drive a whole ``VirtioNetDevice`` and
-check that the backend gets every frame once and in ring order, that every
-head comes back in the used ring once, and that BUSY, DROPPED, a queue stop
-and a ring violation in the middle of a run lose and repeat nothing. The
+general per-chain path. These tests drive a whole ``VirtioNetDevice``. The
+backend must get every frame once and in ring order, and every head must
+come back in the used ring once. BUSY, DROPPED, a queue stop and a ring
+violation in the middle of a run must lose and repeat nothing. The
 same sequences run against backends without ``send_burst``, which must see
 exactly the same frames.
 """
@@ -872,8 +872,8 @@ SHAPES = [shape for shape, weight in SHAPE_WEIGHTS.items() for _ in range(weight
 PLANS = [(), (), (BUSY,), (DROPPED,), (BUSY, BUSY), (BUSY, DROPPED)]
 """Backend results for the successive offers of one frame, before SENT."""
 # A group is a shape, a count of chains of that shape in a row, the length
-# of the first frame, and a plan for the backend's results for one frame of
-# the group, so that BUSY and DROPPED often come in the middle of a run.
+# of the first frame, a plan of backend results and the frame it applies to.
+# So BUSY and DROPPED often come in the middle of a run.
 group_strategy = st.tuples(
     st.sampled_from(SHAPES),
     st.integers(1, 6),

@@ -89,7 +89,7 @@ def test_add_used_many_completes_in_order() -> None:
 
 
 @pytest.mark.parametrize("bad", [1, 9, -1, 1 << 40])
-def test_add_used_many_stops_at_head_not_in_flight(bad: int) -> None:
+def test_add_used_many_bad_head_raises(bad: int) -> None:
     ring = RawRing(4)
     for head in (0, 2):
         ring.post_simple(head)
@@ -234,7 +234,7 @@ def test_unpop_ignores_rewritten_avail_slot() -> None:
     ring.device.add_used(first.head, 0)  # must not raise: head 0 is in flight
 
 
-def test_recent_pops_lists_in_flight_run_back_from_last_pop() -> None:
+def test_recent_pops_in_flight_run() -> None:
     ring = RawRing(8)
     for head in (4, 1, 6):
         ring.post_simple(head)
